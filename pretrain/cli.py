@@ -1,0 +1,114 @@
+"""`pretrain <command>`: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pretrain.errors import PretrainError
+
+log = logging.getLogger("pretrain")
+
+OVERRIDES_HELP = "config overrides, --section.key=value (value parsed as YAML), e.g. --train.max_steps=100"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.run(args, extra)
+    except PretrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pretrain.config import config_reference
+
+    parser = argparse.ArgumentParser(
+        prog="pretrain", description="Pretrain a Llama-style base model on your own data.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="train a model from a YAML config",
+        description="Train a model. Every config key can be overridden as --section.key=value.",
+        epilog="config keys (--key=default  (type)  meaning):\n" + config_reference(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
+    train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    train.set_defaults(run=run_train, accepts_overrides=True)
+
+    check = commands.add_parser(
+        "config", help="validate a config and print it fully resolved",
+        description="Load, override and validate a config without training; print the result as YAML.",
+    )
+    check.add_argument("config", help="YAML config file")
+    check.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    check.set_defaults(run=run_config, accepts_overrides=True)
+
+    tok = commands.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command",
+                                                                                 metavar="ACTION", required=True)
+    tok_train = tok.add_parser(
+        "train", help="train a sentencepiece BPE tokenizer on the config's data sources",
+        description="Train the tokenizer the config names (tokenizer.path, default out_dir/tokenizer.model) "
+                    "on the training split of data.sources, using tokenizer.vocab_size and tokenizer.train_chars.",
+    )
+    tok_train.add_argument("config", help="YAML config file")
+    tok_train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    tok_train.add_argument("--force", action="store_true", help="retrain even if the tokenizer file exists")
+    tok_train.set_defaults(run=run_tokenizer_train, accepts_overrides=True)
+    return parser
+
+
+def _load(args: argparse.Namespace, extra: list[str]):
+    from pretrain.config import load_config
+
+    overrides = [*args.overrides, *extra]
+    return load_config(args.config, overrides)
+
+
+def run_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from pretrain.log_setup import setup_logging
+
+    cfg = _load(args, extra)
+    from pretrain.parallel import dist_info_from_env
+    from pretrain.trainer import Trainer
+
+    dist = dist_info_from_env(cfg.train.device)
+    setup_logging(dist.rank, cfg.logging.all_ranks)
+    Trainer(cfg, dist).train()
+    return 0
+
+
+def run_config(args: argparse.Namespace, extra: list[str]) -> int:
+    from pretrain.config import config_to_yaml
+
+    print(config_to_yaml(_load(args, extra)), end="")
+    return 0
+
+
+def run_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathlib import Path
+
+    from pretrain.data.loader import load_or_train_tokenizer
+    from pretrain.log_setup import setup_logging
+
+    cfg = _load(args, extra)
+    setup_logging()
+    if args.force:
+        Path(cfg.tokenizer_path).unlink(missing_ok=True)
+    tokenizer = load_or_train_tokenizer(cfg)
+    print(f"{tokenizer.path}: {tokenizer.vocab_size} pieces")
+    return 0

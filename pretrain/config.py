@@ -1,0 +1,365 @@
+"""The job config: typed sections loaded from YAML, overridden with `--section.key=value`,
+validated once before any compute. Read-only at runtime (every section is frozen)."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from pretrain.config_parse import (
+    apply_override,
+    build,
+    load_yaml_text,
+    option,
+    parse_overrides,
+    to_dict,
+    type_name,
+)
+from pretrain.errors import ConfigError
+from pretrain.models.args import ModelArgs
+
+BUILTIN_SOURCES = ("python-docs",)
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One data source of the training mixture."""
+
+    name: str = option("", "label used in logs and metrics")
+    path: str = option("", "file, glob or URL of .txt/.jsonl/.parquet files, or 'python-docs' (built in)")
+    weight: float = option(1.0, "relative sampling weight in the mixture")
+    text_field: str = option("text", "field holding the document text in .jsonl/.parquet files")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: list[SourceConfig] = option(
+        [SourceConfig(name="python-docs", path="python-docs")], "mixture of sources {name, path, weight}"
+    )
+    seq_len: int = option(1024, "tokens per training sequence (documents are packed, joined by EOS)")
+    val_fraction: float = option(0.01, "share of documents held out for validation (chosen by content hash)")
+    shuffle_docs: int = option(1000, "documents of each source held in a buffer to shuffle their order (0 = file order)")
+    shuffle_sequences: int = option(1000, "packed sequences held in a buffer to shuffle batches (0 = stream order)")
+    encode_batch_docs: int = option(64, "documents tokenized together (sentencepiece runs them in parallel)")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    path: str | None = option(None, "sentencepiece .model file; trained there if missing (default: out_dir/tokenizer.model)")
+    vocab_size: int = option(32000, "vocabulary size when training a tokenizer")
+    train_chars: int = option(200_000_000, "at most this many characters of training text are read to train it")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = option(1000, "optimizer steps of the full run (the LR schedule spans them)")
+    global_batch_tokens: int | None = option(
+        None, "tokens per optimizer step over all ranks (default: one micro-batch per rank, no accumulation)"
+    )
+    global_batch_sequences: int | None = option(None, "the global batch in sequences instead of tokens")
+    micro_batch_size: int = option(4, "sequences per rank per forward/backward pass")
+    stop_at: int | None = option(None, "end the run after this step, as a preemption would")
+    seed: int = option(0, "seed for init, data order and sampling")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "bf16 autocast with fp32 master weights, or fp32; auto = bf16 where the hardware has it"
+    )
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of lr")
+    schedule: Literal["cosine", "wsd", "constant"] = option("cosine", "decay after warmup: cosine, warmup-stable-decay, or none")
+    warmup_steps: int = option(100, "linear warmup from 0 to lr")
+    decay_fraction: float = option(0.2, "wsd: share of max_steps spent decaying at the end")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay (not applied to norm gains)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    backend: Literal["none"] = option("none", "sharding backend; 'none' = one process")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = option(0, "save every N steps into out_dir/checkpoints/step_N/ (0 = off)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = option(0, "validation loss every N steps and at the end (0 = off)")
+    batches: int = option(20, "validation micro-batches per evaluation (fewer if the split is smaller)")
+    sample_prompts: list[str] = option(["The "], "prompts completed by the model at the end of training")
+    sample_tokens: int = option(64, "tokens generated per prompt (0 = no samples)")
+    sample_top_k: int = option(1, "sample among the k likeliest tokens (1 = greedy)")
+    sample_temperature: float = option(1.0, "softmax temperature for sampling")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every: int = option(10, "one console line and one metrics.jsonl record every N steps (0 = off)")
+    peak_flops: float | None = option(None, "peak FLOP/s per device for MFU (default: known GPU table or measured on CPU)")
+    all_ranks: bool = option(False, "log from every rank, not only rank 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    out_dir: str = option("runs/default", "where config.yaml, metrics.jsonl, samples and checkpoints go")
+    model: ModelArgs = option(ModelArgs(), "model shape")
+    data: DataConfig = option(DataConfig(), "training data")
+    tokenizer: TokenizerConfig = option(TokenizerConfig(), "tokenizer")
+    train: TrainConfig = option(TrainConfig(), "training loop")
+    optim: OptimConfig = option(OptimConfig(), "optimizer and LR schedule")
+    parallel: ParallelConfig = option(ParallelConfig(), "distribution")
+    checkpoint: CheckpointConfig = option(CheckpointConfig(), "checkpoints")
+    eval: EvalConfig = option(EvalConfig(), "evaluation")
+    logging: LoggingConfig = option(LoggingConfig(), "logging")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer.path or os.path.join(self.out_dir, "tokenizer.model")
+
+
+def load_config(path: str | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+    """Read a YAML file, apply `--section.key=value` overrides, type-check and validate.
+
+    Raises ConfigError listing every problem found."""
+    source = path or "the command line"
+    data = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError([f"cannot read config file {path!r}: {exc.strerror}"]) from None
+        try:
+            data = load_yaml_text(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path} is not valid YAML: {exc}"]) from None
+    pairs, problems = parse_overrides(list(overrides))
+    if isinstance(data, dict):
+        for key, value in pairs:
+            problem = apply_override(data, key, value)
+            if problem:
+                problems.append(problem)
+    config = build(Config, data, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return validate(config, world_size, source)
+
+
+def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Config:
+    """Check every cross-field rule, report all problems at once, and fill derived values."""
+    problems: list[str] = []
+    problems += _check_model(cfg.model)
+    problems += _check_data(cfg.data)
+    problems += _check_batch(cfg, world_size)
+    problems += _check_schedule(cfg)
+    if cfg.tokenizer.vocab_size < 300:
+        problems.append(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small: the 256 byte-fallback "
+                        "pieces and special tokens alone need ~260; use 1000 or more")
+    if cfg.model.vocab_size < cfg.tokenizer.vocab_size:
+        problems.append(f"model.vocab_size={cfg.model.vocab_size} is smaller than tokenizer.vocab_size="
+                        f"{cfg.tokenizer.vocab_size}; set model.vocab_size >= {cfg.tokenizer.vocab_size}")
+    for key in ("eval.every", "checkpoint.every", "logging.every", "eval.batches", "eval.sample_tokens"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            problems.append(f"{key}={getattr(getattr(cfg, section), name)} must be >= 0 (0 turns it off)")
+    if cfg.eval.sample_top_k < 1:
+        problems.append(f"eval.sample_top_k={cfg.eval.sample_top_k} must be >= 1 (1 = greedy)")
+    if cfg.eval.every > 0 and cfg.data.val_fraction == 0:
+        problems.append(f"eval.every={cfg.eval.every} needs held-out data but data.val_fraction=0; "
+                        "set data.val_fraction=0.01 or eval.every=0")
+    if cfg.parallel.backend == "none" and world_size > 1:
+        problems.append(f"parallel.backend='none' runs one process but WORLD_SIZE={world_size}; "
+                        "launch a single process")
+    if problems:
+        raise ConfigError(problems, source)
+    model = cfg.model
+    if model.max_seq_len is None:
+        model = dataclasses.replace(model, max_seq_len=cfg.data.seq_len)
+    train = cfg.train
+    if train.global_batch_tokens is None:
+        sequences = train.global_batch_sequences or train.micro_batch_size * world_size
+        train = dataclasses.replace(train, global_batch_tokens=sequences * cfg.data.seq_len,
+                                    global_batch_sequences=None)
+    return dataclasses.replace(cfg, model=model, train=train)
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step (exact: validate() checked divisibility)."""
+    per_micro_step = cfg.train.micro_batch_size * cfg.data.seq_len * world_size
+    return cfg.train.global_batch_tokens // per_micro_step
+
+
+def _divisors(n: int) -> str:
+    return "{" + ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) + "}"
+
+
+def _check_model(m: ModelArgs) -> list[str]:
+    problems = []
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
+        if getattr(m, name) <= 0:
+            problems.append(f"model.{name}={getattr(m, name)} must be a positive integer")
+    if problems:
+        return problems
+    if m.d_model % m.n_heads:
+        problems.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; choose "
+                        f"n_heads in {_divisors(m.d_model)} or a d_model that is a multiple of {m.n_heads}")
+    elif m.head_dim % 2:
+        problems.append(f"model.d_model / model.n_heads = {m.head_dim} is odd, but rotary embeddings need an "
+                        "even head dimension; change d_model or n_heads")
+    if m.n_heads % m.n_kv_heads:
+        problems.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+                        f"choose n_kv_heads in {_divisors(m.n_heads)}")
+    if m.max_seq_len is not None and m.max_seq_len <= 0:
+        problems.append(f"model.max_seq_len={m.max_seq_len} must be positive (or null for data.seq_len)")
+    if m.init_std <= 0:
+        problems.append(f"model.init_std={m.init_std} must be positive, e.g. 0.02")
+    return problems
+
+
+def _check_data(d: DataConfig) -> list[str]:
+    problems = []
+    if d.seq_len <= 1:
+        problems.append(f"data.seq_len={d.seq_len} must be at least 2")
+    if not 0 <= d.val_fraction < 0.5:
+        problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 0.5), e.g. 0.01")
+    for name in ("shuffle_docs", "shuffle_sequences"):
+        if getattr(d, name) < 0:
+            problems.append(f"data.{name}={getattr(d, name)} must be >= 0 (0 = no shuffling)")
+    if d.encode_batch_docs < 1:
+        problems.append(f"data.encode_batch_docs={d.encode_batch_docs} must be >= 1")
+    if not d.sources:
+        problems.append("data.sources is empty; add at least one {name, path, weight}, e.g. "
+                        "--data.sources='[{name: docs, path: python-docs}]'")
+    names = [s.name for s in d.sources]
+    for i, src in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        if not src.name:
+            problems.append(f"{key}.name is empty; give every source a short name, e.g. 'web'")
+        elif names.count(src.name) > 1 and names.index(src.name) == i:
+            problems.append(f"{key}.name={src.name!r} is used by more than one source; names must be unique")
+        if src.weight <= 0:
+            problems.append(f"{key}.weight={src.weight} must be positive")
+        problems += _check_source_path(src.path, f"{key}.path")
+    return problems
+
+
+def _check_source_path(path: str, key: str) -> list[str]:
+    if path in BUILTIN_SOURCES:
+        return []
+    if not path:
+        return [f"{key} is empty; give a file, a glob or one of {', '.join(BUILTIN_SOURCES)}"]
+    supported = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+    if not path.endswith(supported):
+        return [f"{key}={path!r} has an unsupported file type; use {', '.join(supported)} files "
+                f"(or a glob such as 'dir/*.jsonl')"]
+    if "://" in path:
+        return []
+    if not glob.glob(os.path.expanduser(path)):
+        return [f"{key}={path!r} matches no file; check the path (relative paths start at {os.getcwd()})"]
+    return []
+
+
+def _check_batch(cfg: Config, world_size: int) -> list[str]:
+    t, seq = cfg.train, cfg.data.seq_len
+    problems = []
+    if t.micro_batch_size <= 0:
+        return [f"train.micro_batch_size={t.micro_batch_size} must be a positive integer"]
+    if t.global_batch_tokens is not None and t.global_batch_sequences is not None:
+        return ["give only one of train.global_batch_tokens and train.global_batch_sequences "
+                f"(got {t.global_batch_tokens} and {t.global_batch_sequences}); set the other to null"]
+    sequences = t.global_batch_sequences or t.micro_batch_size * world_size
+    if t.global_batch_tokens is not None:
+        if t.global_batch_tokens <= 0 or seq <= 0 or t.global_batch_tokens % seq:
+            lower = max(seq, t.global_batch_tokens // max(seq, 1) * seq)
+            return [f"train.global_batch_tokens={t.global_batch_tokens} is not a positive multiple of "
+                    f"data.seq_len={seq}; use e.g. {lower} or {lower + seq}"]
+        sequences = t.global_batch_tokens // seq
+    per_step = t.micro_batch_size * world_size
+    if sequences <= 0 or sequences % per_step:
+        lower = max(per_step, sequences // per_step * per_step)
+        unit = "sequences" if t.global_batch_tokens is None else "tokens"
+        scale = 1 if t.global_batch_tokens is None else seq
+        problems.append(
+            f"the global batch of {sequences} sequences is not divisible by train.micro_batch_size="
+            f"{t.micro_batch_size} x world size {world_size} = {per_step}; set the global batch to "
+            f"{lower * scale} or {(lower + per_step) * scale} {unit}, or change micro_batch_size"
+        )
+    return problems
+
+
+def _check_schedule(cfg: Config) -> list[str]:
+    t, o = cfg.train, cfg.optim
+    problems = []
+    if t.max_steps <= 0:
+        problems.append(f"train.max_steps={t.max_steps} must be a positive integer")
+    if t.stop_at is not None and not 1 <= t.stop_at <= t.max_steps:
+        problems.append(f"train.stop_at={t.stop_at} must be between 1 and train.max_steps={t.max_steps}")
+    if o.lr <= 0:
+        problems.append(f"optim.lr={o.lr} must be positive, e.g. 3e-4")
+    if not 0 <= o.min_lr_ratio <= 1:
+        problems.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if o.warmup_steps < 0 or (t.max_steps > 0 and o.warmup_steps > t.max_steps):
+        problems.append(f"optim.warmup_steps={o.warmup_steps} must be in [0, train.max_steps={t.max_steps}]")
+    if not 0 < o.decay_fraction <= 1:
+        problems.append(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    if o.grad_clip < 0:
+        problems.append(f"optim.grad_clip={o.grad_clip} must be >= 0 (0 = no clipping)")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            problems.append(f"optim.{name}={getattr(o, name)} must be in [0, 1)")
+    return problems
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def save_config(cfg: Config, out_dir: str) -> Path:
+    """Write the resolved config to out_dir/config.yaml atomically (never half-written)."""
+    path = Path(out_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(config_to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def config_reference() -> str:
+    """Every key with its type, default and help text, for `pretrain train --help`."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"\n  [{key}] {f.metadata.get('help', '')}")
+                walk(tp, key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = to_dict(default) if not isinstance(default, list) else [to_dict(d) for d in default]
+            lines.append(f"  --{key}={yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
+                         f"  ({type_name(tp)})  {f.metadata.get('help', '')}")
+
+    walk(Config, "")
+    return "\n".join(lines)

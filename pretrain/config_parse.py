@@ -1,0 +1,196 @@
+"""Turning YAML and `--section.key=value` overrides into typed dataclasses, collecting every
+problem with the key, the value and a fix. Knows nothing about which sections exist."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import MISSING, field
+from typing import Any, Literal
+
+import yaml
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a one-line help text (shown by `pretrain train --help`)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `3e-4` and `1e6` as floats (YAML 1.2), not strings (YAML 1.1)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def parse_overrides(args: list[str]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Split `--a.b=value` arguments into (dotted key, YAML-parsed value) pairs and problems."""
+    overrides, problems = [], []
+    for arg in args:
+        match = re.fullmatch(r"--([A-Za-z_][\w.]*)=(.*)", arg, flags=re.S)
+        if not match:
+            problems.append(
+                f"cannot read the argument {arg!r}: overrides are written --section.key=value, "
+                "e.g. --train.max_steps=100"
+            )
+            continue
+        key, text = match.groups()
+        try:
+            overrides.append((key, load_yaml_text(text) if text != "" else None))
+        except yaml.YAMLError as exc:
+            problems.append(f"--{key}: the value {text!r} is not valid YAML ({exc.problem}); quote it")
+    return overrides, problems
+
+
+def apply_override(data: dict, dotted_key: str, value: Any) -> str | None:
+    """Set `data[a][b] = value` for key `a.b`; return a problem if a parent is not a mapping."""
+    *parents, last = dotted_key.split(".")
+    node = data
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            parent_key = ".".join(parents[: depth + 1])
+            return f"--{dotted_key}: {parent_key} is not a section, so it has no key {last!r}"
+        node = child
+    node[last] = value
+    return None
+
+
+def did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {matches[0]!r}?" if matches else ""
+
+
+def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, checking every value against its field's type.
+
+    Problems are appended to `problems`; on any problem the field keeps its default so that
+    checking can go on and report everything at once."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or 'the config'} must be a mapping of keys to values, got {data!r}")
+        data = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            section = f"section {prefix!r}" if prefix else "the top level"
+            problems.append(
+                f"unknown key {where!r} in {section}{did_you_mean(str(key), fields)} "
+                f"(known keys: {', '.join(fields)})"
+            )
+    values = {}
+    for name, spec in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            before = len(problems)
+            converted = convert(data[name], hints[name], key, problems)
+            if len(problems) == before:
+                values[name] = converted
+        elif spec.default is MISSING and spec.default_factory is MISSING:
+            problems.append(f"{key} is required")
+    try:
+        return cls(**values)
+    except TypeError:
+        return None  # a required field was missing; already reported
+
+
+def convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check `value` against type `tp`, converting where the intent is unambiguous
+    (an int for a float field, a whole float such as 1e6 for an int field)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return convert(value, inner[0], key, problems)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key, problems)
+    if origin is Literal:
+        if value in args:
+            return value
+        choices = ", ".join(repr(a) for a in args)
+        problems.append(f"{key}={value!r} is not one of {choices}{did_you_mean(str(value), map(str, args))}")
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{key}={value!r} must be a list, e.g. {key}='[...]'")
+            return None
+        return [convert(item, args[0], f"{key}[{i}]", problems) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}={value!r} must be a mapping, e.g. {key}='{{a: 1}}'")
+            return None
+        return {k: convert(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
+    return _convert_scalar(value, tp, key, problems)
+
+
+def _convert_scalar(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config field {key} has unsupported type {tp!r}")
+    examples = {bool: "true or false", int: "a whole number such as 8", float: "a number such as 3e-4",
+                str: "a string (quote numbers: '123')"}
+    problems.append(f"{key}={value!r} has the wrong type: expected {examples[tp]}, got {type(value).__name__}")
+    return None
+
+
+def type_name(tp: Any) -> str:
+    """Readable type for help output: `int`, `float | None`, `'cosine' | 'wsd'`, `list[Source]`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is list:
+        return f"list[{type_name(args[0])}]"
+    if origin is dict:
+        return f"dict[{type_name(args[0])}, {type_name(args[1])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain dicts and lists, for YAML output."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

@@ -1,0 +1,67 @@
+"""One MetricLogger for numbers: a console line and a JSON record in out_dir/metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger("pretrain")
+
+
+class MetricLogger:
+    """Writes metric records (dicts with a "step") as JSON lines and one readable console line.
+
+    Only the rank that owns the output (rank 0) writes; other ranks pass `enabled=False`."""
+
+    def __init__(self, out_dir: str, enabled: bool = True):
+        self.enabled = enabled
+        self._file = None
+        if enabled:
+            path = Path(out_dir) / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        log.info(format_record(record))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def format_record(r: dict) -> str:
+    """`step 20/200 | loss 5.1234 | lr 3.00e-04 | ...` for a training or validation record."""
+    parts = [f"step {r['step']}" + (f"/{r['max_steps']}" if "max_steps" in r else "")]
+    if "loss" in r:
+        parts.append(f"loss {r['loss']:.4f}")
+    if "val_loss" in r:
+        parts.append(f"val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.2f})")
+    if "lr" in r:
+        parts.append(f"lr {r['lr']:.2e}")
+    if "grad_norm" in r:
+        parts.append(f"grad_norm {r['grad_norm']:.3f}")
+    if "tokens_per_s" in r:
+        parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if "memory_gib" in r:
+        parts.append(f"mem {r['memory_gib']:.2f} GiB")
+    if "eta_s" in r:
+        parts.append(f"ETA {format_duration(r['eta_s'])}")
+    return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

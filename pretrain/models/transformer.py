@@ -1,0 +1,54 @@
+"""The decoder-only transformer. A plain `nn.Module`: parallelism is applied from outside."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain.models.args import ModelArgs
+from pretrain.models.layers import TransformerBlock, init_normal, rope_tables
+
+
+class Transformer(nn.Module):
+    """Llama-style language model: embedding, pre-norm blocks, final RMSNorm, output head.
+
+    Build it under `torch.device("meta")` for large models, then `to_empty(device=...)` and
+    `init_weights()`: every tensor, the rotary tables included, is (re)filled there."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.max_seq_len is None:
+            raise ValueError("ModelArgs.max_seq_len must be set to build a Transformer")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.d_model)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = nn.RMSNorm(args.d_model, eps=args.norm_eps)
+        self.output = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Derived from the shape, so not saved in checkpoints.
+        self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
+
+    def init_weights(self) -> None:
+        """Initialise all parameters from the global RNG (seed it first) and the rotary tables."""
+        args = self.args
+        with torch.no_grad():
+            cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+            init_normal(self.tok_embeddings.weight, args.init_std)
+            for layer in self.layers:
+                layer.init_weights(args)
+            self.norm.reset_parameters()
+            if not args.tie_embeddings:
+                init_normal(self.output.weight, args.init_std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (batch, seq, vocab) for `tokens` of shape (batch, seq)."""
+        seq = tokens.shape[1]
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.output(self.norm(x))

@@ -1,0 +1,184 @@
+"""The Trainer: builds everything from a validated config, then runs the loop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import Config, grad_accum_steps, save_config
+from pretrain.data import IGNORE_INDEX, TrainBatches, load_or_train_tokenizer, validation_batches
+from pretrain.generate import generate
+from pretrain.hardware import keep_freed_memory, memory_gib, peak_flops, resolve_precision
+from pretrain.metrics import MetricLogger
+from pretrain.models import Transformer, count_params, flops_per_token
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.parallel import DistInfo, dist_info_from_env, parallelize
+
+log = logging.getLogger("pretrain")
+
+
+class Trainer:
+    """Owns the model, optimizer, schedule, data and loggers of one training run.
+
+    Data flows one way: config -> tokenizer -> model on meta -> parallelize -> materialise and
+    init -> optimizer -> data -> loop."""
+
+    def __init__(self, cfg: Config, dist: DistInfo | None = None):
+        self.cfg = cfg
+        self.dist = dist or dist_info_from_env(cfg.train.device)
+        self.device = self.dist.device
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.grad_accum = grad_accum_steps(cfg, self.dist.world_size)
+        self.out_dir = Path(cfg.out_dir)
+        if self.device.type == "cpu" and keep_freed_memory():
+            log.info("malloc tuned to keep freed memory (faster CPU steps; see hardware.keep_freed_memory)")
+        if self.dist.is_main:
+            save_config(cfg, cfg.out_dir)
+        self.tokenizer = load_or_train_tokenizer(cfg)
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        model = parallelize(model, cfg.parallel, self.dist)
+        model.to_empty(device=self.device)
+        torch.manual_seed(cfg.train.seed)
+        model.init_weights()
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.train_batches = TrainBatches(cfg, self.tokenizer, self.dist.rank, self.dist.world_size)
+        self.val_batches = None
+        if cfg.eval.every:  # built now so an empty split fails before any compute
+            self.val_batches = validation_batches(cfg, self.tokenizer, cfg.eval.batches,
+                                                  self.dist.rank, self.dist.world_size)
+        self.metrics = MetricLogger(cfg.out_dir, enabled=self.dist.is_main)
+
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        if cfg.logging.peak_flops:
+            self.peak_flops, peak_source = cfg.logging.peak_flops, "logging.peak_flops"
+        else:
+            self.peak_flops, peak_source = peak_flops(self.device, self.precision)
+        self.step = 0
+        self.tokens_seen = 0
+        log.info(
+            "model: %.2fM parameters (%.2fM without embeddings), %.3g FLOPs/token | %s %s | "
+            "global batch %d tokens = %d micro-batches x %d x %d tokens x %d ranks | peak %.3g FLOP/s (%s)",
+            count_params(cfg.model) / 1e6, count_params(cfg.model, include_embeddings=False) / 1e6,
+            self.flops_per_token, self.device, self.precision, cfg.train.global_batch_tokens,
+            self.grad_accum, cfg.train.micro_batch_size, cfg.data.seq_len, self.dist.world_size,
+            self.peak_flops, peak_source,
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 compute with fp32 master weights, or nothing for fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def train(self) -> None:
+        """Run until train.stop_at (or max_steps), with logging, evaluation and samples on intervals."""
+        cfg = self.cfg
+        last_step = cfg.train.stop_at or cfg.train.max_steps
+        log.info("training from step %d to step %d -> %s", self.step, last_step, self.out_dir)
+        if self.val_batches and self.step == 0:
+            self.evaluate()  # the untrained model's loss, ~ln(vocab_size): a check on init and data
+        interval_start, interval_steps = time.perf_counter(), 0
+        while self.step < last_step:
+            loss, grad_norm = self.train_step()
+            self.step += 1
+            self.tokens_seen += cfg.train.global_batch_tokens
+            interval_steps += 1
+            if due(self.step, cfg.logging.every) or self.step == last_step:
+                elapsed = time.perf_counter() - interval_start
+                self.log_step(loss, grad_norm, elapsed / interval_steps, last_step)
+                interval_start, interval_steps = time.perf_counter(), 0
+            if self.val_batches and (due(self.step, cfg.eval.every) or self.step == last_step):
+                self.evaluate()
+                interval_start = time.perf_counter()  # evaluation time is not training time
+        if cfg.eval.sample_tokens and self.dist.is_main:
+            self.write_samples()
+        self.close()
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm)."""
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum):
+            inputs, labels = next(self.train_batches)
+            inputs = inputs.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            with self.autocast():
+                logits = self.model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            # Every micro-batch holds the same number of tokens, so the mean of means is the mean.
+            (loss / self.grad_accum).backward()
+            loss_sum += loss.detach()
+        max_norm = self.cfg.optim.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / self.grad_accum, grad_norm
+
+    def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_seconds: float, last_step: int) -> None:
+        tokens_per_s = self.cfg.train.global_batch_tokens / step_seconds
+        self.metrics.log({
+            "step": self.step,
+            "max_steps": self.cfg.train.max_steps,
+            "loss": loss.item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm.item(),
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size),
+            "memory_gib": memory_gib(self.device),
+            "eta_s": (last_step - self.step) * step_seconds,
+        })
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss per token over the held-out batches; logged with perplexity."""
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        for inputs, labels in self.val_batches:
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            with self.autocast():
+                logits = self.model(inputs)
+            loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                        ignore_index=IGNORE_INDEX, reduction="sum")
+            count += int((labels != IGNORE_INDEX).sum())
+        self.model.train()
+        val_loss = loss_sum.item() / count
+        self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
+                          "val_ppl": math.exp(min(val_loss, 50.0))})
+        return val_loss
+
+    def write_samples(self) -> list[str]:
+        """Complete each of eval.sample_prompts; print them and append them to out_dir/samples.txt."""
+        ev = self.cfg.eval
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        samples = []
+        self.model.eval()
+        with self.autocast():
+            for prompt in ev.sample_prompts:
+                new = generate(self.model, self.tokenizer.encode(prompt), ev.sample_tokens,
+                               self.cfg.model.max_seq_len, ev.sample_top_k, ev.sample_temperature,
+                               stop_id=self.tokenizer.eos_id, generator=generator)
+                samples.append(prompt + self.tokenizer.decode(new))
+        self.model.train()
+        with (self.out_dir / "samples.txt").open("a", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(f"=== step {self.step} ===\n{sample}\n\n")
+                log.info("sample at step %d:\n%s", self.step, sample)
+        return samples
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def due(step: int, every: int) -> bool:
+    """Whether an interval-gated action (every N steps, 0 = never) runs at `step`."""
+    return every > 0 and step % every == 0

@@ -1,0 +1,70 @@
+"""Shared fixtures: a small real-text corpus (Python's bundled pydoc topics, always installed),
+a tokenizer trained on it once per session, and tiny configs that train in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import Config, load_config
+from tokenizer import Tokenizer, train_tokenizer
+
+TEST_VOCAB = 512
+
+
+def pydoc_documents(limit: int | None = None) -> list[str]:
+    from pydoc_data.topics import topics
+
+    docs = [topics[name].strip() for name in sorted(topics)]
+    return docs[:limit] if limit else docs
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """A .txt corpus of ~80 documents separated by blank lines (inner blank lines removed so
+    that each topic stays one document)."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    docs = ["\n".join(line for line in doc.splitlines() if line.strip()) for doc in pydoc_documents()]
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    train_tokenizer(pydoc_documents(), TEST_VOCAB, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_file) -> Tokenizer:
+    return Tokenizer.load(tokenizer_file)
+
+
+def tiny_overrides(out_dir: Path, corpus: Path, tokenizer_path: Path, **extra: object) -> list[str]:
+    """Overrides for a ~0.1M-parameter model that trains a step in milliseconds on a CPU."""
+    values = {
+        "out_dir": str(out_dir),
+        "model.vocab_size": TEST_VOCAB, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
+        "model.n_kv_heads": 2, "model.ffn_hidden": 128,
+        "data.sources": f"[{{name: corpus, path: '{corpus}', weight: 1.0}}]",
+        "data.seq_len": 32, "data.val_fraction": 0.1,
+        "tokenizer.path": str(tokenizer_path), "tokenizer.vocab_size": TEST_VOCAB,
+        "train.max_steps": 20, "train.micro_batch_size": 4, "train.precision": "fp32", "train.device": "cpu",
+        "optim.lr": 3e-3, "optim.warmup_steps": 2,
+        "eval.every": 0, "eval.sample_tokens": 0, "logging.every": 1, "logging.peak_flops": 1e12,
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"--{key}={value}" for key, value in values.items()]
+
+
+@pytest.fixture
+def tiny_config(tmp_path, corpus_file, tokenizer_file):
+    """Factory: tiny_config(**overrides) -> validated Config writing into a fresh tmp dir.
+    Override keys use `__` for the dot: tiny_config(train__max_steps=5)."""
+
+    def make(**extra: object) -> Config:
+        return load_config(None, tiny_overrides(tmp_path / "run", corpus_file, tokenizer_file, **extra), world_size=1)
+
+    return make
