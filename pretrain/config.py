@@ -318,7 +318,8 @@ def _check_schedule(cfg: Config) -> list[str]:
     if not 0 <= o.min_lr_ratio <= 1:
         problems.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     if o.warmup_steps < 0 or (t.max_steps > 0 and o.warmup_steps > t.max_steps):
-        problems.append(f"optim.warmup_steps={o.warmup_steps} must be in [0, train.max_steps={t.max_steps}]")
+        problems.append(f"optim.warmup_steps={o.warmup_steps} must be in [0, train.max_steps={t.max_steps}]; "
+                        f"for a short run lower it too, e.g. --optim.warmup_steps={t.max_steps // 10}")
     if not 0 < o.decay_fraction <= 1:
         problems.append(f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
     if o.grad_clip < 0:

@@ -42,10 +42,10 @@ def tokenizer(tokenizer_file) -> Tokenizer:
     return Tokenizer.load(tokenizer_file)
 
 
-def tiny_overrides(out_dir: Path, corpus: Path, tokenizer_path: Path, **extra: object) -> list[str]:
+def tiny_overrides(run_dir: Path, corpus: Path, tokenizer_path: Path, **extra: object) -> list[str]:
     """Overrides for a ~0.1M-parameter model that trains a step in milliseconds on a CPU."""
     values = {
-        "out_dir": str(out_dir),
+        "out_dir": str(run_dir),
         "model.vocab_size": TEST_VOCAB, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
         "model.n_kv_heads": 2, "model.ffn_hidden": 128,
         "data.sources": f"[{{name: corpus, path: '{corpus}', weight: 1.0}}]",
@@ -56,7 +56,7 @@ def tiny_overrides(out_dir: Path, corpus: Path, tokenizer_path: Path, **extra: o
         "eval.every": 0, "eval.sample_tokens": 0, "logging.every": 1, "logging.peak_flops": 1e12,
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"--{key}={value}" for key, value in values.items()]
+    return [f"--{key}={'null' if value is None else value}" for key, value in values.items()]
 
 
 @pytest.fixture

@@ -1,0 +1,79 @@
+"""Tokenizer training, exact round trips (CJK included), batch encode, save/load."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TEST_VOCAB, pydoc_documents
+from tokenizer import Tokenizer, train_tokenizer
+from tokenizer.train import MAX_LINE_CHARS, training_lines
+
+SAMPLES = [
+    "def f(x):\n    return  x + 1\n\n\tdone",
+    " leading and trailing spaces  ",
+    "日本語の文章です。東京は日本の首都です。",
+    "中文文本测试：我们训练自己的模型。",
+    "한국어 🙂 emoji ∑ and a control \x07 character",
+    "numbers 1234567890 and 3.14159",
+    "",
+    "\n\n\n",
+]
+
+
+def test_special_ids_and_size(tokenizer):
+    assert tokenizer.vocab_size == TEST_VOCAB
+    assert (tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip_is_exact(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_cjk_is_learned_when_in_the_training_text(tmp_path):
+    japanese = "日本語の文章です。東京は日本の首都です。日本語を話します。" * 50
+    chinese = "我们训练自己的模型。中文文本测试。我们的数据。" * 50
+    tok = train_tokenizer(pydoc_documents(20) + [japanese, chinese], 600, tmp_path / "cjk.model")
+    for text in ("日本語の文章です。", "我们训练自己的模型。"):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        byte_pieces = sum(tok.id_to_piece(i).startswith("<0x") for i in ids)
+        assert byte_pieces == 0, [tok.id_to_piece(i) for i in ids]
+        assert len(ids) < len(text)  # merges, not one token per character
+
+
+def test_digits_are_split(tokenizer):
+    pieces = [tokenizer.id_to_piece(i) for i in tokenizer.encode("year 2024")]
+    assert pieces[-4:] == ["2", "0", "2", "4"]
+
+
+def test_batch_encode_matches_single(tokenizer):
+    assert tokenizer.encode_batch(SAMPLES) == [tokenizer.encode(t) for t in SAMPLES]
+    assert tokenizer.decode_batch(tokenizer.encode_batch(SAMPLES)) == SAMPLES
+
+
+def test_save_load_is_identical(tokenizer, tokenizer_file):
+    again = Tokenizer.load(tokenizer_file)
+    assert again.encode_batch(SAMPLES) == tokenizer.encode_batch(SAMPLES)
+    assert not list(tokenizer_file.parent.glob("*.tmp"))
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.load(tokenizer_file.parent / "missing.model")
+
+
+def test_training_text_is_bounded():
+    documents = ["a" * 10_000, "b\nc\n" * 1000, "d" * 10]
+    lines = list(training_lines(iter(documents), max_chars=11_000))
+    assert sum(map(len, lines)) == 11_000
+    assert max(map(len, lines)) == MAX_LINE_CHARS
+
+    def endless():
+        while True:
+            yield "word " * 100
+
+    assert sum(map(len, training_lines(endless(), max_chars=5000))) == 5000
+
+
+def test_too_little_text_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Give more text or a smaller vocabulary"):
+        train_tokenizer(["tiny text"], 5000, tmp_path / "t.model")
+    assert not (tmp_path / "t.model").exists()
