@@ -97,7 +97,9 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = option(0, "save every N steps into out_dir/checkpoints/step_N/ (0 = off)")
+    every: int = option(0, "save every N steps and at the end into out_dir/checkpoints/step_NNNNNNNN/ (0 = off)")
+    resume: bool = option(True, "continue from the newest complete checkpoint in out_dir if there is one")
+    resume_from: str | None = option(None, "continue from this checkpoint directory instead")
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,9 @@ def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Con
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             problems.append(f"{key}={getattr(getattr(cfg, section), name)} must be >= 0 (0 turns it off)")
+    if cfg.checkpoint.resume_from and not os.path.isdir(cfg.checkpoint.resume_from):
+        problems.append(f"checkpoint.resume_from={cfg.checkpoint.resume_from!r} is not a directory; "
+                        "give a checkpoint such as out_dir/checkpoints/step_00001000")
     if cfg.eval.sample_top_k < 1:
         problems.append(f"eval.sample_top_k={cfg.eval.sample_top_k} must be >= 1 (1 = greedy)")
     if cfg.eval.every > 0 and cfg.data.val_fraction == 0:

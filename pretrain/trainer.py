@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import Config, grad_accum_steps, save_config
+from pretrain.checkpoint import CheckpointManager, rng_state, set_rng_state
+from pretrain.config import Config, config_to_yaml, grad_accum_steps, save_config
 from pretrain.data import IGNORE_INDEX, TrainBatches, load_or_train_tokenizer, validation_batches
 from pretrain.generate import generate
 from pretrain.hardware import keep_freed_memory, memory_gib, peak_flops, resolve_precision
@@ -64,6 +65,8 @@ class Trainer:
             self.peak_flops, peak_source = peak_flops(self.device, self.precision)
         self.step = 0
         self.tokens_seen = 0
+        self.checkpoints = CheckpointManager(cfg.out_dir, self.dist.is_main)
+        self.resume()
         log.info(
             "model: %.2fM parameters (%.2fM without embeddings), %.3g FLOPs/token | %s %s | "
             "global batch %d tokens = %d micro-batches x %d x %d tokens x %d ranks | peak %.3g FLOP/s (%s)",
@@ -81,7 +84,11 @@ class Trainer:
         """Run until train.stop_at (or max_steps), with logging, evaluation and samples on intervals."""
         cfg = self.cfg
         last_step = cfg.train.stop_at or cfg.train.max_steps
-        log.info("training from step %d to step %d -> %s", self.step, last_step, self.out_dir)
+        if self.step >= last_step:
+            log.info("%s already holds a checkpoint at step %d, the last step of this run: nothing to "
+                     "train (start over with --checkpoint.resume=false or another out_dir)", self.out_dir, self.step)
+        else:
+            log.info("training from step %d to step %d -> %s", self.step, last_step, self.out_dir)
         if self.val_batches and self.step == 0:
             self.evaluate()  # the untrained model's loss, ~ln(vocab_size): a check on init and data
         interval_start, interval_steps = time.perf_counter(), 0
@@ -94,12 +101,20 @@ class Trainer:
                 elapsed = time.perf_counter() - interval_start
                 self.log_step(loss, grad_norm, elapsed / interval_steps, last_step)
                 interval_start, interval_steps = time.perf_counter(), 0
-            if self.val_batches and (due(self.step, cfg.eval.every) or self.step == last_step):
-                self.evaluate()
-                interval_start = time.perf_counter()  # evaluation time is not training time
+            interval_start += self.run_interval_actions(last_step)  # not training time: excluded
         if cfg.eval.sample_tokens and self.dist.is_main:
             self.write_samples()
         self.close()
+
+    def run_interval_actions(self, last_step: int) -> float:
+        """Evaluation and checkpointing when due; returns the seconds they took."""
+        start = time.perf_counter()
+        cfg, final = self.cfg, self.step == last_step
+        if self.val_batches and (due(self.step, cfg.eval.every) or final):
+            self.evaluate()
+        if cfg.checkpoint.every and (due(self.step, cfg.checkpoint.every) or final):
+            self.save_checkpoint()
+        return time.perf_counter() - start
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm)."""
@@ -174,6 +189,28 @@ class Trainer:
                 f.write(f"=== step {self.step} ===\n{sample}\n\n")
                 log.info("sample at step %d:\n%s", self.step, sample)
         return samples
+
+    def state_dict(self) -> dict:
+        """Everything besides model and optimizer that a bit-exact resume needs."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+                "data": self.train_batches.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.step, self.model, self.optimizer, self.state_dict(),
+                                     config_to_yaml(self.cfg))
+
+    def resume(self) -> None:
+        """Continue from checkpoint.resume_from, else (with checkpoint.resume) the newest checkpoint."""
+        ck = self.cfg.checkpoint
+        path = Path(ck.resume_from) if ck.resume_from else (self.checkpoints.latest() if ck.resume else None)
+        if path is not None:
+            self.load_state_dict(self.checkpoints.load(path, self.model, self.optimizer))
 
     def close(self) -> None:
         self.metrics.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,22 @@ def test_short_training_run_through_the_cli(tmp_path, corpus_file, tokenizer_fil
     assert "step 3/3" in result.stdout
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
+
+
+def test_torchrun_launcher_passes_config_and_overrides(tmp_path, corpus_file, tokenizer_file):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  max_steps: 2\n")
+    overrides = [o for o in tiny_overrides(tmp_path / "run", corpus_file, tokenizer_file)
+                 if not o.startswith("--train.max_steps")]
+    env = {**os.environ, "NPROC": "1", "PYTHON": sys.executable}
+    result = subprocess.run([str(REPO / "launch" / "torchrun.sh"), str(config), *overrides], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    # two processes need a sharding backend: the config check says so before any compute
+    env["NPROC"] = "2"
+    result = subprocess.run([str(REPO / "launch" / "torchrun.sh"), str(config), *overrides], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "parallel.backend='none' runs one process but WORLD_SIZE=2" in result.stderr

@@ -1,0 +1,150 @@
+"""Checkpoints: out_dir/checkpoints/step_{step:08d}/, written whole or not at all.
+
+Model and optimizer go through torch.distributed.checkpoint (DCP), so sharded backends save
+their shards in parallel and a checkpoint can be loaded at another world size; the small
+training state (step, tokens, schedule, data cursor, RNG) goes into trainer_state.pt."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from pretrain.errors import PretrainError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"  # written last, inside the temporary directory, before the rename
+TRAINER_STATE = "trainer_state.pt"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first. Temporary directories and directories
+    without a readable manifest (a crash mid-write) are never returned."""
+    found = []
+    for path in root.glob("step_*"):
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        found.append((manifest["step"], path))
+    return [path for _, path in sorted(found)]
+
+
+class CheckpointManager:
+    """Saves and restores the model, the optimizer and a dict of small training state."""
+
+    def __init__(self, out_dir: str, is_main: bool):
+        self.root = Path(out_dir) / "checkpoints"
+        self.is_main = is_main
+
+    def latest(self) -> Path | None:
+        found = complete_checkpoints(self.root)
+        return found[-1] if found else None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+             config_yaml: str) -> Path:
+        """Write a checkpoint for `step` into a temporary directory, flush it to disk, then
+        rename it into place: a reader sees the whole checkpoint or none of it."""
+        start = time.perf_counter()
+        final, tmp = checkpoint_dir(self.root, step), self.root / f".tmp_step_{step:08d}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with _single_process_quiet():
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+        _barrier()
+        if self.is_main:
+            torch.save(state, tmp / TRAINER_STATE)
+            (tmp / "config.yaml").write_text(config_yaml)
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            manifest = {"format_version": FORMAT_VERSION, "step": step, "tokens_seen": state.get("tokens_seen"),
+                        "files": files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _fsync_tree(tmp)
+            if final.exists():  # a re-run of the same step: replace the old copy
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+        _barrier()
+        log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - start)
+        return final
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore model and optimizer in place from `path`; return the training state dict."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            raise PretrainError(f"{path} is not a complete checkpoint (no readable {MANIFEST})") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise PretrainError(f"{path} has checkpoint format {manifest.get('format_version')}, this "
+                                f"version of pretrain reads format {FORMAT_VERSION}")
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state_dict = {"model": model_state, "optimizer": optim_state}
+        with _single_process_quiet():
+            dcp.load(state_dict, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state_dict["model"],
+                       optim_state_dict=state_dict["optimizer"])
+        state = torch.load(path / TRAINER_STATE, weights_only=True)
+        log.info("resumed from %s (step %d)", path, manifest["step"])
+        return state
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class _single_process_quiet(warnings.catch_warnings):
+    """DCP warns that it runs in one process when no process group exists; that is intended."""
+
+    def __enter__(self):
+        result = super().__enter__()
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return result
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
