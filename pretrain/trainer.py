@@ -87,8 +87,9 @@ class Trainer:
         if self.step >= last_step:
             log.info("%s already holds a checkpoint at step %d, the last step of this run: nothing to "
                      "train (start over with --checkpoint.resume=false or another out_dir)", self.out_dir, self.step)
-        else:
-            log.info("training from step %d to step %d -> %s", self.step, last_step, self.out_dir)
+            self.close()
+            return
+        log.info("training from step %d to step %d -> %s", self.step, last_step, self.out_dir)
         if self.val_batches and self.step == 0:
             self.evaluate()  # the untrained model's loss, ~ln(vocab_size): a check on init and data
         interval_start, interval_steps = time.perf_counter(), 0

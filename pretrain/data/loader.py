@@ -174,7 +174,8 @@ def load_or_train_tokenizer(cfg: Config) -> Tokenizer:
         log.info("reusing tokenizer %s (%d pieces)", path, tokenizer.vocab_size)
     except FileNotFoundError:
         data = cfg.data
-        documents = mixed_documents(data.sources, data.val_fraction, cfg.train.seed, cycle=False)
+        documents = mixed_documents(data.sources, data.val_fraction, cfg.train.seed, cycle=False,
+                                    shuffle_docs=data.shuffle_docs)
         tokenizer = train_tokenizer(documents, cfg.tokenizer.vocab_size, path, max_chars=cfg.tokenizer.train_chars)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError([f"tokenizer {path} has {tokenizer.vocab_size} pieces but model.vocab_size="
