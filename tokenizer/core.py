@@ -24,10 +24,6 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer model {path!r} does not exist")
         return cls(spm.SentencePieceProcessor(model_file=path), path)
 
-    @classmethod
-    def from_bytes(cls, model_proto: bytes) -> "Tokenizer":
-        return cls(spm.SentencePieceProcessor(model_proto=model_proto))
-
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
