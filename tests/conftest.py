@@ -3,6 +3,7 @@ a tokenizer trained on it once per session, and tiny configs that train in secon
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,11 @@ def tiny_overrides(run_dir: Path, corpus: Path, tokenizer_path: Path, **extra: o
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"--{key}={'null' if value is None else value}" for key, value in values.items()]
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    """The records of out_dir/metrics.jsonl, in order."""
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pretrain.checkpoint import FORMAT_VERSION, complete_checkpoints
 from pretrain.config import load_config
 from pretrain.errors import PretrainError
 from pretrain.trainer import Trainer
+from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +25,7 @@ def train(cfg) -> Trainer:
 
 
 def losses(out_dir: str) -> dict[int, float]:
-    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
 
 
 def test_layout_and_manifest(tiny_config):
@@ -65,6 +65,8 @@ def test_incomplete_checkpoints_are_ignored(tiny_config):
     shutil.copytree(root / "step_00000003", root / ".tmp_step_00000006")
     shutil.copytree(root / "step_00000003", root / "step_00000009")
     (root / "step_00000009" / "manifest.json").unlink()
+    shutil.copytree(root / "step_00000003", root / "step_00000012")
+    (root / "step_00000012" / "manifest.json").write_text("{}")  # truncated or foreign manifest
     assert [p.name for p in complete_checkpoints(root)] == ["step_00000003"]
     resumed = Trainer(tiny_config(train__max_steps=6, checkpoint__every=3))
     assert resumed.step == 3

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import read_metrics, tiny_overrides
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -81,32 +81,30 @@ def test_tokenizer_train_command(tmp_path, corpus_file):
     assert "400 pieces" in result.stdout
 
 
-def test_short_training_run_through_the_cli(tmp_path, corpus_file, tokenizer_file):
+def config_file_and_overrides(tmp_path: Path, corpus: Path, tokenizer: Path, max_steps: int) -> list[str]:
+    """A config file that sets max_steps, followed by the tiny-model overrides for everything else,
+    so that both the file and the overrides reach the run."""
     config = tmp_path / "c.yaml"
-    config.write_text("train:\n  max_steps: 3\n")
-    overrides = [o for o in tiny_overrides(tmp_path / "run", corpus_file, tokenizer_file)
-                 if not o.startswith("--train.max_steps")]
-    result = pretrain("train", str(config), *overrides)
+    config.write_text(f"train:\n  max_steps: {max_steps}\n")
+    overrides = [o for o in tiny_overrides(tmp_path / "run", corpus, tokenizer) if not o.startswith("--train.max_steps")]
+    return [str(config), *overrides]
+
+
+def test_short_training_run_through_the_cli(tmp_path, corpus_file, tokenizer_file):
+    result = pretrain("train", *config_file_and_overrides(tmp_path, corpus_file, tokenizer_file, 3))
     assert result.returncode == 0, result.stderr
     assert "step 3/3" in result.stdout
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
 def test_torchrun_launcher_passes_config_and_overrides(tmp_path, corpus_file, tokenizer_file):
-    config = tmp_path / "c.yaml"
-    config.write_text("train:\n  max_steps: 2\n")
-    overrides = [o for o in tiny_overrides(tmp_path / "run", corpus_file, tokenizer_file)
-                 if not o.startswith("--train.max_steps")]
+    args = [str(REPO / "launch" / "torchrun.sh"), *config_file_and_overrides(tmp_path, corpus_file, tokenizer_file, 2)]
     env = {**os.environ, "NPROC": "1", "PYTHON": sys.executable}
-    result = subprocess.run([str(REPO / "launch" / "torchrun.sh"), str(config), *overrides], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
     # two processes need a sharding backend: the config check says so before any compute
     env["NPROC"] = "2"
-    result = subprocess.run([str(REPO / "launch" / "torchrun.sh"), str(config), *overrides], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "parallel.backend='none' runs one process but WORLD_SIZE=2" in result.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.trainer import Trainer
+from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -18,8 +18,7 @@ pytestmark = pytest.mark.slow
 def run(cfg) -> tuple[Trainer, list[dict]]:
     trainer = Trainer(cfg)
     trainer.train()
-    lines = (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()
-    return trainer, [json.loads(line) for line in lines]
+    return trainer, read_metrics(cfg.out_dir)
 
 
 def train_losses(records: list[dict]) -> list[float]:
