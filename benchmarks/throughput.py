@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ from pretrain.hardware import keep_freed_memory
 from pretrain.log_setup import setup_logging
 from pretrain.models import Transformer, flops_per_token
 from pretrain.trainer import Trainer
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 SHAPES = {
     # vocab 32000, d_model 512, 8 layers, 8 heads, SwiGLU 1408, untied, seq 512, micro-batch 4
@@ -85,7 +88,7 @@ def main() -> int:
                          "--eval.sample_tokens=0", "--logging.every=0", "--checkpoint.every=0",
                          f"--train.max_steps={args.warmup + args.steps}", "--optim.warmup_steps=1",
                          "--logging.peak_flops=1e12"]
-            cfg = load_config("configs/demo.yaml", overrides, world_size=1)
+            cfg = load_config(str(DEMO_CONFIG), overrides, world_size=1)
             tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len
             plain = median_seconds(plain_loop_step(cfg, precision), args.warmup, args.steps)
             trainer = Trainer(cfg)

@@ -6,6 +6,7 @@ training state (step, tokens, schedule, data cursor, RNG) goes into trainer_stat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,7 +43,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError):
             continue
-        found.append((manifest["step"], path))
+        if isinstance(manifest, dict) and isinstance(manifest.get("step"), int):
+            found.append((manifest["step"], path))
     return [path for _, path in sorted(found)]
 
 
@@ -62,13 +64,14 @@ class CheckpointManager:
         """Write a checkpoint for `step` into a temporary directory, flush it to disk, then
         rename it into place: a reader sees the whole checkpoint or none of it."""
         start = time.perf_counter()
-        final, tmp = checkpoint_dir(self.root, step), self.root / f".tmp_step_{step:08d}"
+        final = checkpoint_dir(self.root, step)
+        tmp = final.with_name(".tmp_" + final.name)  # never matched by complete_checkpoints()
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
-        with _single_process_quiet():
+        with _quiet_single_process():
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
         _barrier()
         if self.is_main:
@@ -98,7 +101,7 @@ class CheckpointManager:
                                 f"version of pretrain reads format {FORMAT_VERSION}")
         model_state, optim_state = get_state_dict(model, optimizer)
         state_dict = {"model": model_state, "optimizer": optim_state}
-        with _single_process_quiet():
+        with _quiet_single_process():
             dcp.load(state_dict, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state_dict["model"],
                        optim_state_dict=state_dict["optimizer"])
@@ -125,13 +128,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class _single_process_quiet(warnings.catch_warnings):
+@contextlib.contextmanager
+def _quiet_single_process():
     """DCP warns that it runs in one process when no process group exists; that is intended."""
-
-    def __enter__(self):
-        result = super().__enter__()
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return result
+        yield
 
 
 def _fsync_tree(directory: Path) -> None:

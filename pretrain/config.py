@@ -363,9 +363,12 @@ def config_reference() -> str:
                 walk(tp, key + ".")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            default = to_dict(default) if not isinstance(default, list) else [to_dict(d) for d in default]
-            lines.append(f"  --{key}={yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
-                         f"  ({type_name(tp)})  {f.metadata.get('help', '')}")
+            lines.append(f"  --{key}={_inline_yaml(to_dict(default))}  ({type_name(tp)})  {f.metadata.get('help', '')}")
 
     walk(Config, "")
     return "\n".join(lines)
+
+
+def _inline_yaml(value: object) -> str:
+    """`value` as one line of YAML, the form an override takes (`[{name: a, ...}]`, `3.0e-04`)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()

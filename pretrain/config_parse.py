@@ -192,5 +192,7 @@ def type_name(tp: Any) -> str:
 
 
 def to_dict(obj: Any) -> Any:
-    """A dataclass tree as plain dicts and lists, for YAML output."""
+    """A dataclass tree (or a list of them) as plain dicts and lists, for YAML output."""
+    if isinstance(obj, list):
+        return [to_dict(item) for item in obj]
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
