@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +30,21 @@ BUILTIN_SOURCES = ("python-docs",)
 TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+PREPARED_MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     """One data source of the training mixture."""
 
-    name: str = option("", "label used in logs and metrics")
-    path: str = option("", "file, glob or URL of .txt/.jsonl/.parquet files, or 'python-docs' (built in)")
-    weight: float = option(1.0, "relative sampling weight in the mixture")
+    name: str = option("", "label used in logs, metrics and prepared shards")
+    path: str = option("", "file, glob or URL (s3://... with s3fs) of .txt/.jsonl/.json[.gz|.zst]/.parquet "
+                           "files, or 'python-docs' (built in)")
+    weight: float = option(1.0, "relative sampling weight in the mixture (share of training tokens)")
     text_field: str = option("text", "field holding the document text in .jsonl/.parquet files")
+    max_epochs: int | None = option(None, "stop with an error instead of starting epoch max_epochs + 1 of this "
+                                          "source (null = repeat as needed; every new epoch is logged)")
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,21 @@ class DataConfig:
     )
     seq_len: int = option(1024, "tokens per training sequence (documents are packed, joined by EOS)")
     val_fraction: float = option(0.01, "share of documents held out for validation (chosen by content hash)")
-    shuffle_docs: int = option(1000, "documents of each source held in a buffer to shuffle their order (0 = file order)")
-    shuffle_sequences: int = option(1000, "packed sequences held in a buffer to shuffle batches (0 = stream order)")
-    encode_batch_docs: int = option(64, "documents tokenized together (sentencepiece runs them in parallel)")
+    num_workers: int = option(1, "background processes that read, tokenize and pack (0 = in the training process)")
+    prefetch: int = option(2, "global batches each worker prepares ahead of the trainer")
+    chunk_bytes: int = option(1 << 20, "sources are split into chunks of about this size, the unit each reader "
+                                       "takes and a resume re-reads (smaller for small sources)")
+    document_masking: bool = option(False, "attention stays within each packed document (never across an EOS)")
+    on_bad_record: Literal["error", "skip"] = option(
+        "error", "a record that cannot be read (bad JSON, no text field, not UTF-8): stop, or skip and count it")
+    prepared_dir: str | None = option(None, "read the token shards that `pretrain data prepare` wrote here "
+                                            "instead of tokenizing on the fly")
+    allow_changed_data: bool = option(False, "resume although sources, weights, seed or batch shape differ from "
+                                             "the checkpoint's (unchanged sources keep their position)")
+
+    def prepared_source_dir(self, name: str) -> str | None:
+        """Where the prepared shards of source `name` live (None when not using prepared shards)."""
+        return os.path.join(self.prepared_dir, name) if self.prepared_dir else None
 
 
 @dataclass(frozen=True)
@@ -246,11 +264,12 @@ def _check_data(d: DataConfig) -> list[str]:
         problems.append(f"data.seq_len={d.seq_len} must be at least 2")
     if not 0 <= d.val_fraction < 0.5:
         problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 0.5), e.g. 0.01")
-    for name in ("shuffle_docs", "shuffle_sequences"):
-        if getattr(d, name) < 0:
-            problems.append(f"data.{name}={getattr(d, name)} must be >= 0 (0 = no shuffling)")
-    if d.encode_batch_docs < 1:
-        problems.append(f"data.encode_batch_docs={d.encode_batch_docs} must be >= 1")
+    if d.num_workers < 0:
+        problems.append(f"data.num_workers={d.num_workers} must be >= 0 (0 = read in the training process)")
+    if d.prefetch < 1:
+        problems.append(f"data.prefetch={d.prefetch} must be >= 1")
+    if d.chunk_bytes < 4096:
+        problems.append(f"data.chunk_bytes={d.chunk_bytes} must be at least 4096, e.g. 1048576")
     if not d.sources:
         problems.append("data.sources is empty; add at least one {name, path, weight}, e.g. "
                         "--data.sources='[{name: docs, path: python-docs}]'")
@@ -261,8 +280,16 @@ def _check_data(d: DataConfig) -> list[str]:
             problems.append(f"{key}.name is empty; give every source a short name, e.g. 'web'")
         elif names.count(src.name) > 1 and names.index(src.name) == i:
             problems.append(f"{key}.name={src.name!r} is used by more than one source; names must be unique")
+        elif not re.fullmatch(r"[\w.-]+", src.name):
+            problems.append(f"{key}.name={src.name!r} may hold only letters, digits, '_', '-' and '.' "
+                            "(it names a directory of prepared shards)")
         if src.weight <= 0:
             problems.append(f"{key}.weight={src.weight} must be positive")
+        if src.max_epochs is not None and src.max_epochs < 1:
+            problems.append(f"{key}.max_epochs={src.max_epochs} must be >= 1 (or null for no limit)")
+        prepared = d.prepared_source_dir(src.name)
+        if prepared and os.path.isfile(os.path.join(prepared, PREPARED_MANIFEST)):
+            continue  # reads the prepared shards; the raw files may live elsewhere
         problems += _check_source_path(src.path, f"{key}.path")
     return problems
 
@@ -272,13 +299,14 @@ def _check_source_path(path: str, key: str) -> list[str]:
         return []
     if not path:
         return [f"{key} is empty; give a file, a glob or one of {', '.join(BUILTIN_SOURCES)}"]
-    supported = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
-    if not path.endswith(supported):
-        return [f"{key}={path!r} has an unsupported file type; use {', '.join(supported)} files "
-                f"(or a glob such as 'dir/*.jsonl')"]
+    base = next((path[: -len(c)] for c in COMPRESSED_SUFFIXES if path.endswith(c)), path)
+    supported = TEXT_SUFFIXES + JSON_SUFFIXES
+    if not (base.endswith(supported) or path.endswith(PARQUET_SUFFIXES)):
+        return [f"{key}={path!r} has an unsupported file type; use {', '.join(supported + PARQUET_SUFFIXES)} "
+                f"files, the first two also compressed as .gz or .zst (or a glob such as 'dir/*.jsonl')"]
     if "://" in path:
         return []
-    if not glob.glob(os.path.expanduser(path)):
+    if not any(os.path.isfile(p) for p in glob.glob(os.path.expanduser(path))):
         return [f"{key}={path!r} matches no file; check the path (relative paths start at {os.getcwd()})"]
     return []
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pretrain.checkpoint import CheckpointManager, rng_state, set_rng_state
 from pretrain.config import Config, config_to_yaml, grad_accum_steps, save_config
-from pretrain.data import IGNORE_INDEX, TrainBatches, load_or_train_tokenizer, validation_batches
+from pretrain.data import IGNORE_INDEX, TrainData, load_or_train_tokenizer, open_sources, validation_batches
 from pretrain.generate import generate
 from pretrain.hardware import keep_freed_memory, memory_gib, peak_flops, resolve_precision
 from pretrain.metrics import MetricLogger
@@ -41,7 +41,8 @@ class Trainer:
             log.info("malloc tuned to keep freed memory (faster CPU steps; see hardware.keep_freed_memory)")
         if self.dist.is_main:
             save_config(cfg, cfg.out_dir)
-        self.tokenizer = load_or_train_tokenizer(cfg)
+        sources = open_sources(cfg.data)  # lists every file: a missing one fails before any compute
+        self.tokenizer = load_or_train_tokenizer(cfg, sources)
         with torch.device("meta"):
             model = Transformer(cfg.model)
         model = parallelize(model, cfg.parallel, self.dist)
@@ -51,11 +52,11 @@ class Trainer:
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
-        self.train_batches = TrainBatches(cfg, self.tokenizer, self.dist.rank, self.dist.world_size)
+        self.train_data = TrainData(cfg, self.tokenizer, self.dist.rank, self.dist.world_size, sources)
         self.val_batches = None
         if cfg.eval.every:  # built now so an empty split fails before any compute
             self.val_batches = validation_batches(cfg, self.tokenizer, cfg.eval.batches,
-                                                  self.dist.rank, self.dist.world_size)
+                                                  self.dist.rank, self.dist.world_size, sources)
         self.metrics = MetricLogger(cfg.out_dir, enabled=self.dist.is_main)
 
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -121,12 +122,13 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm)."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.grad_accum):
-            inputs, labels = next(self.train_batches)
+        for inputs, labels, document_ids in self.train_data.next_step():
             inputs = inputs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            if document_ids is not None:
+                document_ids = document_ids.to(self.device, non_blocking=True)
             with self.autocast():
-                logits = self.model(inputs)
+                logits = self.model(inputs, document_ids)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
             # Every micro-batch holds the same number of tokens, so the mean of means is the mean.
             (loss / self.grad_accum).backward()
@@ -151,6 +153,7 @@ class Trainer:
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size),
             "memory_gib": memory_gib(self.device),
             "eta_s": (last_step - self.step) * step_seconds,
+            **self.train_data.metrics(),
         })
 
     @torch.no_grad()
@@ -194,12 +197,12 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything besides model and optimizer that a bit-exact resume needs."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
-                "data": self.train_batches.state_dict(), "rng": rng_state()}
+                "data": self.train_data.state_dict(), "rng": rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.scheduler.load_state_dict(state["scheduler"])
-        self.train_batches.load_state_dict(state["data"])
+        self.train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:
@@ -214,6 +217,7 @@ class Trainer:
             self.load_state_dict(self.checkpoints.load(path, self.model, self.optimizer))
 
     def close(self) -> None:
+        self.train_data.close()
         self.metrics.close()
 
 

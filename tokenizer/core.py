@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -16,6 +18,7 @@ class Tokenizer:
     def __init__(self, processor: spm.SentencePieceProcessor, path: str | None = None):
         self._sp = processor
         self.path = path
+        self.sha256 = hashlib.sha256(processor.serialized_model_proto()).hexdigest()
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -50,6 +53,14 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
         """Encode many texts at once; sentencepiece spreads them over `num_threads` (-1 = all)."""
         return self._sp.encode(list(texts), num_threads=num_threads)
+
+    def encode_documents(self, texts: Sequence[str], num_threads: int = -1) -> np.ndarray:
+        """Token ids of all `texts` as one int32 array, each text followed by EOS (the packed
+        stream's format)."""
+        if not texts:
+            return np.empty(0, dtype=np.int32)
+        arrays = self._sp.encode(list(texts), add_eos=True, return_type="numpy", num_threads=num_threads)
+        return np.concatenate(arrays).astype(np.int32, copy=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))

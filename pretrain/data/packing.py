@@ -1,29 +1,23 @@
-"""Packing tokenized documents into fixed-length training sequences."""
+"""Cutting a stream of tokens (documents joined by EOS) into fixed-length training windows."""
 
 from __future__ import annotations
-
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 
-def pack_sequences(
-    documents: Iterable[Sequence[int]], seq_len: int, eos_id: int, pad_id: int | None = None
-) -> Iterator[np.ndarray]:
-    """Join documents with EOS and cut the stream into windows of `seq_len + 1` tokens.
-
-    Consecutive windows share one token: the last token of a window (the final label) is the
-    first input of the next, so every token of the stream is an input exactly once and a label
-    exactly once, and none is dropped at a window boundary. With `pad_id`, the final partial
-    window is padded and yielded; without it the tail waits for more data (and is dropped if
-    none comes, as at the end of an infinite stream)."""
+def cut_windows(tokens: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
+    """Windows of `seq_len + 1` tokens, shape (n, seq_len + 1), that overlap by one token: the
+    last token of a window (its final label) is the first input of the next, so every token is
+    an input once and a label once. The last window is padded with `pad_id`."""
     window = seq_len + 1
-    pending = np.empty(0, dtype=np.int64)
-    for doc in documents:
-        pending = np.concatenate([pending, np.asarray(doc, dtype=np.int64), [eos_id]])
-        full = (len(pending) - 1) // seq_len
-        for i in range(full):
-            yield pending[i * seq_len : i * seq_len + window]
-        pending = pending[full * seq_len :]
-    if pad_id is not None and len(pending) > 1:
-        yield np.concatenate([pending, np.full(window - len(pending), pad_id, dtype=np.int64)])
+    count = max(1, -(-(len(tokens) - 1) // seq_len))
+    padded = np.full(count * seq_len + 1, pad_id, dtype=np.int64)
+    padded[: len(tokens)] = tokens
+    return np.lib.stride_tricks.sliding_window_view(padded, window)[::seq_len].copy()
+
+
+def document_ids(inputs: np.ndarray, eos_id: int) -> np.ndarray:
+    """For each input position, the index of its document within the row: the number of EOS
+    tokens before it (an EOS belongs to the document it ends)."""
+    is_eos = inputs == eos_id
+    return (np.cumsum(is_eos, axis=-1) - is_eos).astype(np.int32)

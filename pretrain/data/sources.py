@@ -1,69 +1,50 @@
-"""Documents from one source: local or remote .txt/.jsonl/.parquet files streamed through
-Hugging Face `datasets`, or a built-in corpus. Iterators end to end, never a whole corpus in memory."""
+"""Data sources split into chunks: the unit that one lane of the stream reads, tokenizes and packs.
+
+A chunk is a byte range of an uncompressed .txt/.jsonl file (a record belongs to the chunk in
+which it starts), a range of rows of a .parquet file, a stride of the records of a compressed
+file (which cannot seek), or a range of documents of a built-in corpus. Chunk tables come from
+file sizes and metadata alone, so every process builds the same table without reading any text."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
+import json
+import math
 import os
 from typing import Iterator
 
-from pretrain.config import JSON_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, SourceConfig
+import numpy as np
+
+from pretrain.config import SourceConfig
 from pretrain.data.builtin import python_docs_documents
+from pretrain.data.files import expand, file_size, line_number, open_binary, open_decompressed, split_compression
 from pretrain.errors import PretrainError
+from tokenizer import Tokenizer
 
 BUILTIN = {"python-docs": python_docs_documents}
+# Small sources are cut into at least this many chunks, so that many lanes can read them at once.
+MIN_CHUNKS_PER_SOURCE = 256
+MIN_CHUNK_BYTES = 4096
+# A compressed file is read once per chunk it is split into: more parts cost more decompression.
+MAX_COMPRESSED_PARTS = 8
+COMPRESSION_RATIO_GUESS = 4
 
 
-def source_files(path: str) -> list[str]:
-    """The files a source path names, sorted so that every rank sees the same order."""
-    if "://" in path:
-        return [path]
-    files = sorted(glob.glob(os.path.expanduser(path)))
-    if not files:
-        raise PretrainError(f"data source path {path!r} matches no file")
-    return files
+class RecordErrors:
+    """What to do with a record that cannot be read: stop with an error (`data.on_bad_record:
+    error`) or skip it and count it (`skip`)."""
 
+    def __init__(self, source_name: str, policy: str):
+        self.source_name, self.policy = source_name, policy
+        self.skipped = 0
 
-def iter_documents(source: SourceConfig) -> Iterator[str]:
-    """Every non-empty document of `source`, in a fixed order.
-
-    A .txt file is split into documents at blank lines; .jsonl and .parquet rows give one
-    document each from `source.text_field`."""
-    if source.path in BUILTIN:
-        yield from BUILTIN[source.path]()
-        return
-    for path in source_files(source.path):
-        yield from _file_documents(path, source)
-
-
-def _file_documents(path: str, source: SourceConfig) -> Iterator[str]:
-    import datasets  # slow to import; only needed for file sources
-
-    datasets.disable_progress_bars()
-    if path.endswith(TEXT_SUFFIXES):
-        builder, kwargs, field = "text", {"sample_by": "paragraph"}, "text"
-    elif path.endswith(JSON_SUFFIXES):
-        builder, kwargs, field = "json", {}, source.text_field
-    elif path.endswith(PARQUET_SUFFIXES):
-        builder, kwargs, field = "parquet", {}, source.text_field
-    else:
-        raise PretrainError(f"data source {source.name!r}: unsupported file type {path!r}")
-    stream = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **kwargs)
-    for row_number, row in enumerate(stream):
-        text = row.get(field)
-        if text is None and field not in row:
-            raise PretrainError(
-                f"data source {source.name!r}: row {row_number} of {path} has no field {field!r} "
-                f"(fields: {', '.join(row)}); set text_field in its data.sources entry"
-            )
-        if not isinstance(text, str):
-            if text is None:
-                continue
-            raise PretrainError(f"data source {source.name!r}: field {field!r} in row {row_number} of "
-                                f"{path} is a {type(text).__name__}, not text")
-        if text.strip():
-            yield text
+    def report(self, where: str, problem: str) -> None:
+        if self.policy == "skip":
+            self.skipped += 1
+            return
+        raise PretrainError(f"data source {self.source_name!r}: {where}: {problem}; fix or remove the "
+                            "record, or set data.on_bad_record=skip to skip such records (they are counted "
+                            "in metrics.jsonl as bad_records)")
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -73,3 +54,332 @@ def is_validation(text: str, val_fraction: float) -> bool:
         return False
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+def chunk_target_bytes(total_bytes: int, chunk_bytes: int) -> int:
+    """Bytes per chunk: `chunk_bytes`, smaller for a small source so it still has many chunks."""
+    return max(MIN_CHUNK_BYTES, min(chunk_bytes, total_bytes // MIN_CHUNKS_PER_SOURCE))
+
+
+def even_bounds(total: int, parts: int) -> list[int]:
+    return [total * i // parts for i in range(parts + 1)]
+
+
+class Source:
+    """One entry of data.sources: a name, a chunk table and a fingerprint of its content."""
+
+    name: str
+    n_chunks: int
+    fingerprint: str
+    total_bytes: int
+
+    def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1) -> np.ndarray:
+        """Token ids of the chunk's training documents in order, each followed by EOS (int32)."""
+        raise NotImplementedError
+
+    def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
+        """Token ids of the first held-out documents (EOS after each), at least `max_tokens` if
+        the split has that many."""
+        raise NotImplementedError
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Raise if the source's tokens were made with another tokenizer (prepared shards)."""
+
+
+class TextSource(Source):
+    """A source read as text and tokenized on the fly."""
+
+    def __init__(self, cfg: SourceConfig, val_fraction: float, on_bad_record: str):
+        self.cfg, self.name = cfg, cfg.name
+        self.val_fraction, self.on_bad_record = val_fraction, on_bad_record
+
+    def documents(self, chunk: int, errors: RecordErrors) -> Iterator[str]:
+        """Every non-empty document of the chunk, training and held-out, in order."""
+        raise NotImplementedError
+
+    def split_documents(self, chunk: int, errors: RecordErrors) -> tuple[list[str], list[str]]:
+        """(training documents, held-out documents) of the chunk."""
+        train, val = [], []
+        for text in self.documents(chunk, errors):
+            (val if is_validation(text, self.val_fraction) else train).append(text)
+        return train, val
+
+    def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1) -> np.ndarray:
+        docs = [d for d in self.documents(chunk, errors) if not is_validation(d, self.val_fraction)]
+        return tokenizer.encode_documents(docs, num_threads=num_threads)
+
+    def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
+        parts, count = [], 0
+        errors = RecordErrors(self.name, self.on_bad_record)
+        for chunk in range(self.n_chunks):
+            docs = [d for d in self.documents(chunk, errors) if is_validation(d, self.val_fraction)]
+            if docs:
+                parts.append(tokenizer.encode_documents(docs))
+                count += len(parts[-1])
+            if count >= max_tokens:
+                break
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
+
+
+class BuiltinSource(TextSource):
+    """A corpus that ships with the install (`python-docs`): chunks are ranges of documents."""
+
+    def __init__(self, cfg: SourceConfig, val_fraction: float, on_bad_record: str, chunk_bytes: int):
+        super().__init__(cfg, val_fraction, on_bad_record)
+        self.docs = tuple(BUILTIN[cfg.path]())
+        lengths = [len(d) for d in self.docs]
+        self.total_bytes = sum(lengths)
+        target = chunk_target_bytes(self.total_bytes, chunk_bytes)
+        bounds, size = [0], 0
+        for i, n in enumerate(lengths):
+            size += n
+            if size >= target:
+                bounds.append(i + 1)
+                size = 0
+        if bounds[-1] != len(lengths):
+            bounds.append(len(lengths))
+        self.bounds = bounds
+        self.n_chunks = len(bounds) - 1
+        digest = hashlib.sha256(cfg.path.encode())
+        for doc in self.docs:
+            digest.update(doc.encode("utf-8", "surrogatepass"))
+        digest.update(repr(bounds).encode())
+        self.fingerprint = digest.hexdigest()[:16]
+
+    def documents(self, chunk: int, errors: RecordErrors) -> Iterator[str]:
+        return iter(self.docs[self.bounds[chunk] : self.bounds[chunk + 1]])
+
+
+class FileSource(TextSource):
+    """Local or remote .txt / .jsonl / .json (optionally .gz / .zst) and .parquet files.
+
+    A .txt file holds documents separated by blank lines; .jsonl holds one JSON object per line
+    with the text in `text_field`; .parquet has the text in column `text_field`."""
+
+    def __init__(self, cfg: SourceConfig, val_fraction: float, on_bad_record: str, chunk_bytes: int):
+        super().__init__(cfg, val_fraction, on_bad_record)
+        self.files = expand(cfg.path)
+        self.formats = [file_format(path, cfg.name) for path in self.files]
+        self.sizes = [file_size(path) for path in self.files]
+        self._parquet_rows: dict[int, list[int]] = {}  # file -> first row of each row group, and the total
+        byte_sizes = list(self.sizes)
+        for i, (kind, _) in enumerate(self.formats):
+            if kind == "parquet":
+                byte_sizes[i] = self._read_parquet_metadata(i)
+        self.total_bytes = sum(byte_sizes)
+        target = chunk_target_bytes(self.total_bytes, chunk_bytes)
+        rows = []
+        for i, ((kind, compression), size) in enumerate(zip(self.formats, byte_sizes)):
+            if compression:
+                parts = max(1, min(MAX_COMPRESSED_PARTS, math.ceil(size * COMPRESSION_RATIO_GUESS / target)))
+                rows += [(i, part, parts) for part in range(parts)]
+            else:
+                total = self._parquet_rows[i][-1] if kind == "parquet" else size
+                parts = max(1, min(math.ceil(size / target), total))
+                bounds = even_bounds(total, parts)
+                rows += [(i, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.chunks = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        self.n_chunks = len(self.chunks)
+        root = os.path.commonpath([os.path.dirname(f) for f in self.files]) if len(self.files) > 1 else \
+            os.path.dirname(self.files[0])
+        listing = [[os.path.relpath(f, root) if root else f, s] for f, s in zip(self.files, self.sizes)]
+        identity = {"text_field": cfg.text_field, "target": target, "files": listing}
+        self.fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+    def _read_parquet_metadata(self, i: int) -> int:
+        """Record the row groups of parquet file i and check its text column; return its
+        uncompressed size in bytes."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path, field = self.files[i], self.cfg.text_field
+        try:
+            with open_binary(path) as f:
+                parquet = pq.ParquetFile(f)
+                meta, schema = parquet.metadata, parquet.schema_arrow
+        except pa.ArrowException as exc:
+            raise PretrainError(f"data source {self.name!r}: {path} is not a readable parquet file ({exc}); "
+                                "replace it or remove it from the source's path") from None
+        if field not in schema.names:
+            raise PretrainError(f"data source {self.name!r}: {path} has no column {field!r} (columns: "
+                                f"{', '.join(schema.names)}); set text_field in its data.sources entry")
+        if not (pa.types.is_string(schema.field(field).type) or pa.types.is_large_string(schema.field(field).type)):
+            raise PretrainError(f"data source {self.name!r}: column {field!r} of {path} holds "
+                                f"{schema.field(field).type}, not text; set text_field to a text column")
+        starts = [0]
+        for g in range(meta.num_row_groups):
+            starts.append(starts[-1] + meta.row_group(g).num_rows)
+        self._parquet_rows[i] = starts
+        return sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+
+    def documents(self, chunk: int, errors: RecordErrors) -> Iterator[str]:
+        file, a, b = (int(x) for x in self.chunks[chunk])
+        path = self.files[file]
+        kind, compression = self.formats[file]
+        if kind == "parquet":
+            yield from self._parquet_documents(file, a, b, errors)
+            return
+        if compression:
+            records = self._compressed_records(path, kind, compression, part=a, parts=b, errors=errors)
+        else:
+            records = _records_in_range(path, kind, a, b)
+        for offset, raw in records:
+            text = self._decode(raw, kind, path, offset, compression, errors)
+            if text is not None and text.strip():
+                yield text
+
+    def _compressed_records(self, path: str, kind: str, compression: str, part: int, parts: int,
+                            errors: RecordErrors) -> Iterator[tuple[int, bytes]]:
+        stream = open_decompressed(path, compression)
+        index, offset = 0, 0
+        try:
+            with stream:
+                reader = _txt_documents(stream, 0, math.inf, True) if kind == "txt" else _lines(stream, 0, math.inf)
+                for offset, raw in reader:
+                    if index % parts == part:
+                        yield offset, raw
+                    index += 1
+        except (OSError, EOFError, ValueError) as exc:  # gzip/zstd errors of a truncated or corrupt file
+            if part and errors.policy == "skip":
+                return  # every part meets the damage; part 0 counts it once
+            errors.report(path, f"corrupt or truncated {compression} data after byte {offset} of its content "
+                          f"({exc}); the rest of the file is unreadable")
+
+    def _decode(self, raw: bytes, kind: str, path: str, offset: int, compression: str | None,
+                errors: RecordErrors) -> str | None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            errors.report(self._where(path, offset, compression), f"bytes that are not UTF-8 at position "
+                          f"{exc.start} of the record; convert the file to UTF-8")
+            return None
+        if kind == "txt":
+            return text.rstrip("\r\n")
+        if not text.strip():
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError as exc:
+            errors.report(self._where(path, offset, compression), f"not valid JSON ({exc})")
+            return None
+        return self._text_field(record, self._where_lazy(path, offset, compression), errors)
+
+    def _text_field(self, record: object, where, errors: RecordErrors) -> str | None:
+        field = self.cfg.text_field
+        if not isinstance(record, dict):
+            errors.report(where(), f"a JSON {type(record).__name__}, not an object with a {field!r} field")
+            return None
+        if field not in record:
+            errors.report(where(), f"no field {field!r} (fields: {', '.join(record)}); set text_field in its "
+                          "data.sources entry")
+            return None
+        text = record[field]
+        if text is None or isinstance(text, str):
+            return text
+        errors.report(where(), f"field {field!r} is a {type(text).__name__}, not text")
+        return None
+
+    def _parquet_documents(self, file: int, a: int, b: int, errors: RecordErrors) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        starts = self._parquet_rows[file]
+        with open_binary(self.files[file]) as f:
+            parquet = pq.ParquetFile(f)
+            for g in range(len(starts) - 1):
+                lo, hi = max(a, starts[g]), min(b, starts[g + 1])
+                if lo >= hi:
+                    continue
+                column = parquet.read_row_group(g, columns=[self.cfg.text_field]).column(0)
+                for text in column.slice(lo - starts[g], hi - lo).to_pylist():
+                    if text and text.strip():
+                        yield text
+
+    def _where(self, path: str, offset: int, compression: str | None) -> str:
+        return f"{path} line {line_number(path, offset, compression)}"
+
+    def _where_lazy(self, path: str, offset: int, compression: str | None):
+        return lambda: self._where(path, offset, compression)
+
+
+def file_format(path: str, source_name: str) -> tuple[str, str | None]:
+    """("txt" | "jsonl" | "parquet", compression) of a data file, from its name."""
+    base, compression = split_compression(path)
+    for kind, suffixes in (("txt", (".txt",)), ("jsonl", (".jsonl", ".json")), ("parquet", (".parquet",))):
+        if base.endswith(suffixes) and not (kind == "parquet" and compression):
+            return kind, compression
+    raise PretrainError(f"data source {source_name!r}: unsupported file type {path!r}; use .txt, .jsonl, "
+                        ".json (optionally .gz or .zst) or .parquet files")
+
+
+def _records_in_range(path: str, kind: str, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, raw record) of the records that start in [start, end) of an uncompressed file."""
+    with open_binary(path) as f:
+        if kind == "jsonl":
+            yield from _lines(f, start, end)
+            return
+        previous_blank = start == 0 or _line_before_is_blank(f, start)
+        yield from _txt_documents(f, start, end, previous_blank)
+
+
+def _lines(f, start: int, end: float) -> Iterator[tuple[int, bytes]]:
+    """Lines that start in [start, end): a line cut by `start` belongs to the chunk before."""
+    position = _first_line_start(f, start)
+    while position < end:
+        line = f.readline()
+        if not line:
+            return
+        yield position, line
+        position += len(line)
+
+
+def _txt_documents(f, start: int, end: float, previous_blank: bool) -> Iterator[tuple[int, bytes]]:
+    """Paragraph documents (separated by blank lines) that start in [start, end). A document that
+    started before `start` is skipped; one that starts before `end` is read to its end."""
+    position = _first_line_start(f, start)
+    lines: list[bytes] = []
+    doc_start = position
+    while True:
+        line = f.readline()
+        if not line:
+            break
+        blank = not line.strip()
+        if blank:
+            if lines:
+                yield doc_start, b"".join(lines)
+                lines = []
+        elif lines:
+            lines.append(line)
+        elif previous_blank:  # a document starts here
+            if position >= end:
+                return
+            doc_start, lines = position, [line]
+        previous_blank = blank
+        position += len(line)
+    if lines:
+        yield doc_start, b"".join(lines)
+
+
+def _first_line_start(f, start: int) -> int:
+    """Seek to the first line that starts at or after byte `start`; return its offset."""
+    if start <= 0:  # a freshly opened file is already there
+        return 0
+    f.seek(start - 1)
+    if f.read(1) == b"\n":
+        return start
+    return start + len(f.readline())
+
+
+def _line_before_is_blank(f, start: int) -> bool:
+    """Whether the line that ends just before the first line starting at or after `start` holds
+    only whitespace (then that line starts a document)."""
+    line_start = _first_line_start(f, start)
+    position = line_start - 1  # the newline that ends the previous line
+    step = 4096
+    while position > 0:
+        lo = max(0, position - step)
+        f.seek(lo)
+        block = f.read(position - lo).rstrip(b" \t\r\f\v")
+        if block:
+            return block.endswith(b"\n")
+        position = lo
+    return True

@@ -44,11 +44,18 @@ class Transformer(nn.Module):
             if not args.tie_embeddings:
                 init_normal(self.output.weight, args.init_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits of shape (batch, seq, vocab) for `tokens` of shape (batch, seq)."""
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of shape (batch, seq, vocab) for `tokens` of shape (batch, seq).
+
+        With `document_ids` (batch, seq), the index of each token's document within its row, a
+        token attends only to earlier tokens of its own document (packed documents stay apart)."""
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        mask = None
+        if document_ids is not None:
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=tokens.device).tril()
+            mask = (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         return self.output(self.norm(x))

@@ -1,0 +1,193 @@
+"""Prepared token shards: `pretrain data prepare` tokenizes every source once into a flat,
+memory-mappable array of token ids, so training reads batches with almost no CPU.
+
+Layout of prepared_dir/<source name>/ (the manifest is written last, then the directory is
+renamed into place, so a prepared source is whole or absent):
+  tokens.bin     training documents' tokens, each document followed by EOS (uint16 or uint32)
+  chunks.npy     (n_chunks, 2) int64: [start, end) of each chunk of the raw source in tokens.bin
+  val.bin        held-out documents' tokens, the same way
+  manifest.json  format, source fingerprint, tokenizer hash, dtype, counts
+
+Chunks are those of the raw source, so a prepared source yields exactly the stream that
+tokenizing on the fly yields, and a checkpoint taken in one mode resumes in the other."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.config import PREPARED_MANIFEST, Config, DataConfig, SourceConfig
+from pretrain.data.sources import BUILTIN, BuiltinSource, FileSource, RecordErrors, Source, TextSource
+from pretrain.errors import PretrainError
+from tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pretrain-token-shards"
+VERSION = 1
+
+
+def raw_source(cfg: SourceConfig, data: DataConfig) -> TextSource:
+    if cfg.path in BUILTIN:
+        return BuiltinSource(cfg, data.val_fraction, data.on_bad_record, data.chunk_bytes)
+    return FileSource(cfg, data.val_fraction, data.on_bad_record, data.chunk_bytes)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+class PreparedSource(Source):
+    """A source read from its prepared shards."""
+
+    def __init__(self, directory: str, cfg: SourceConfig, data: DataConfig):
+        self.dir, self.name = Path(directory), cfg.name
+        try:
+            self.manifest = json.loads((self.dir / PREPARED_MANIFEST).read_text())
+        except (OSError, ValueError):
+            raise PretrainError(f"data.prepared_dir={data.prepared_dir!r} holds no prepared source {cfg.name!r} "
+                                f"(no readable {self.dir / PREPARED_MANIFEST}); run `pretrain data prepare` "
+                                "with this config first") from None
+        m = self.manifest
+        if m.get("format") != FORMAT or m.get("version") != VERSION:
+            raise PretrainError(f"{self.dir} is not a version-{VERSION} prepared source; re-run `pretrain data "
+                                "prepare --force` with this config")
+        for key, want in (("text_field", cfg.text_field), ("val_fraction", data.val_fraction)):
+            if m[key] != want:
+                raise PretrainError(f"the prepared shards in {self.dir} were made with {key}={m[key]!r} but the "
+                                    f"config has {want!r}; re-run `pretrain data prepare --force` or change it back")
+        self.fingerprint, self.total_bytes = m["fingerprint"], m["source_bytes"]
+        self.chunks = np.load(self.dir / "chunks.npy")
+        self.n_chunks = len(self.chunks)
+        self.dtype = np.dtype(m["dtype"])
+        self._tokens: np.memmap | None = None
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        if self.manifest["tokenizer_sha256"] != tokenizer.sha256:
+            raise PretrainError(
+                f"the prepared shards of source {self.name!r} ({self.dir}) were tokenized with another tokenizer "
+                f"(sha256 {self.manifest['tokenizer_sha256'][:12]}) than {tokenizer.path} ({tokenizer.sha256[:12]}); "
+                "point tokenizer.path at the one they were made with, or re-run `pretrain data prepare --force`")
+
+    def check_raw_files(self, cfg: SourceConfig, data: DataConfig) -> None:
+        """If the raw files are reachable, check the shards were made from them as they are now."""
+        try:
+            current = raw_source(cfg, data).fingerprint
+        except PretrainError:
+            return  # raw data not present here (e.g. shards copied to the cluster): trust the manifest
+        if current != self.fingerprint:
+            raise PretrainError(f"the prepared shards of source {self.name!r} ({self.dir}) are stale: its files "
+                                "changed since they were made; re-run `pretrain data prepare --force`")
+
+    def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1) -> np.ndarray:
+        if self._tokens is None:  # opened lazily, in the process that reads it
+            self._tokens = np.memmap(self.dir / "tokens.bin", dtype=self.dtype, mode="r")
+        start, end = self.chunks[chunk]
+        return self._tokens[start:end].astype(np.int32)
+
+    def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
+        val = np.memmap(self.dir / "val.bin", dtype=self.dtype, mode="r") if self.manifest["val_tokens"] else []
+        return np.asarray(val[:max_tokens], dtype=np.int32)
+
+
+def is_up_to_date(directory: Path, source: TextSource, tokenizer: Tokenizer, data: DataConfig) -> bool:
+    try:
+        m = json.loads((directory / PREPARED_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (m.get("version") == VERSION and m.get("fingerprint") == source.fingerprint
+            and m.get("tokenizer_sha256") == tokenizer.sha256 and m.get("val_fraction") == data.val_fraction)
+
+
+_worker: tuple[TextSource, Tokenizer] | None = None
+
+
+def _tokenize_chunk(chunk: int) -> tuple[np.ndarray, np.ndarray, int]:
+    source, tokenizer = _worker
+    errors = RecordErrors(source.name, source.on_bad_record)
+    train, val = source.split_documents(chunk, errors)
+    return (tokenizer.encode_documents(train, num_threads=1), tokenizer.encode_documents(val, num_threads=1),
+            errors.skipped)
+
+
+def prepare_source(source: TextSource, cfg: SourceConfig, data: DataConfig, tokenizer: Tokenizer, directory: Path,
+                   workers: int, progress: bool = True) -> dict:
+    """Tokenize one source into `directory` (atomically); return its manifest."""
+    global _worker
+    from tqdm import tqdm
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    tmp = directory.with_name(".tmp_" + directory.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    chunks = np.zeros((source.n_chunks, 2), dtype=np.int64)
+    counts = {"train_tokens": 0, "val_tokens": 0, "skipped": 0}
+    _worker = (source, tokenizer)
+    start = time.perf_counter()
+    context = multiprocessing.get_context("fork")
+    with open(tmp / "tokens.bin", "wb") as train_file, open(tmp / "val.bin", "wb") as val_file, \
+            context.Pool(workers) as pool, \
+            tqdm(total=source.n_chunks, unit="chunk", desc=f"prepare {source.name}", disable=not progress) as bar:
+        for chunk, (train, val, skipped) in enumerate(pool.imap(_tokenize_chunk, range(source.n_chunks), chunksize=4)):
+            chunks[chunk] = counts["train_tokens"], counts["train_tokens"] + len(train)
+            train_file.write(train.astype(dtype).tobytes())
+            val_file.write(val.astype(dtype).tobytes())
+            counts["train_tokens"] += len(train)
+            counts["val_tokens"] += len(val)
+            counts["skipped"] += skipped
+            bar.update(1)
+            bar.set_postfix_str(f"{counts['train_tokens'] / (time.perf_counter() - start):,.0f} tok/s")
+        for f in (train_file, val_file):
+            f.flush()
+            os.fsync(f.fileno())
+    _worker = None
+    np.save(tmp / "chunks.npy", chunks)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "source": source.name, "fingerprint": source.fingerprint,
+        "source_bytes": source.total_bytes, "text_field": cfg.text_field, "val_fraction": data.val_fraction,
+        "tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
+        "chunks": source.n_chunks, **counts,
+    }
+    (tmp / PREPARED_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for path in tmp.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    old = directory.with_name(".old_" + directory.name)
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def prepare(cfg: Config, tokenizer: Tokenizer, force: bool = False, workers: int | None = None,
+            progress: bool = True) -> list[dict]:
+    """Prepare every source of cfg.data into cfg.data.prepared_dir; sources whose shards are up to
+    date (same files, tokenizer and split) are kept unless `force`."""
+    data = cfg.data
+    if not data.prepared_dir:
+        raise PretrainError("set data.prepared_dir to the directory the shards go to, e.g. "
+                            "--data.prepared_dir=/data/prepared")
+    workers = workers or os.cpu_count() or 1
+    manifests = []
+    for source_cfg in data.sources:
+        source = raw_source(source_cfg, data)
+        directory = Path(data.prepared_source_dir(source_cfg.name))
+        if not force and is_up_to_date(directory, source, tokenizer, data):
+            log.info("%s is up to date (same files and tokenizer); --force rebuilds it", directory)
+            manifests.append(json.loads((directory / PREPARED_MANIFEST).read_text()))
+            continue
+        manifest = prepare_source(source, source_cfg, data, tokenizer, directory, workers, progress)
+        log.info("prepared %s: %d training tokens, %d held-out tokens in %d chunks%s -> %s", source.name,
+                 manifest["train_tokens"], manifest["val_tokens"], manifest["chunks"],
+                 f", {manifest['skipped']} bad records skipped" if manifest["skipped"] else "", directory)
+        manifests.append(manifest)
+    return manifests

@@ -1,0 +1,140 @@
+"""The global stream of packed training sequences, defined by (sources, weights, seed, global batch)
+alone, and produced in parallel by lanes.
+
+Position p of the stream (global batch p // B, B sequences per global batch) is filled by lane
+p % K, where K, the number of lanes, divides B. A lane is an independent producer: for every
+source it walks its own share of that source's chunks (items lane, lane + K, lane + 2K, ... of
+the source's chunk order, which is a seeded permutation per epoch), tokenizes them, joins the
+documents with EOS and cuts windows of seq_len + 1 tokens. Which source fills position p is a
+pure function of p (a low-discrepancy sequence over the weights), so every global batch holds
+each source's share to within a sequence.
+
+A rank takes the positions of the lanes it owns, so it reads only its own chunks; worker
+processes split a rank's lanes further. Neither the number of ranks nor of workers changes what
+the stream holds, and a lane's whole state is one (item, token offset) cursor per source."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from pretrain.data.sources import RecordErrors, Source
+from pretrain.errors import PretrainError
+from tokenizer import Tokenizer
+
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: the Weyl step with the lowest discrepancy
+MASK64 = (1 << 64) - 1
+
+
+def stable_hash(*parts: object) -> int:
+    """A 64-bit hash that is the same in every process and Python version (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+class Mixture:
+    """Which source fills each position of the global stream.
+
+    Position p gets the source whose share of [0, 1) contains frac(offset + p / golden ratio):
+    a Weyl sequence, so over any n consecutive positions each source's count is within
+    O(log n) of weight * n. Deterministic for the seed, and needs no state."""
+
+    def __init__(self, weights: list[float], seed: int):
+        cumulative = np.cumsum(np.asarray(weights, dtype=np.float64))
+        cumulative /= cumulative[-1]
+        self.thresholds = np.array([min(int(c * 2**64), MASK64) for c in cumulative[:-1]], dtype=np.uint64)
+        self.offset = np.uint64(stable_hash("mixture", seed))
+
+    def sources_of(self, positions: np.ndarray) -> np.ndarray:
+        u = positions.astype(np.uint64) * np.uint64(GOLDEN_GAMMA) + self.offset  # wraps mod 2**64
+        return np.searchsorted(self.thresholds, u, side="right")
+
+
+class ChunkOrder:
+    """Item i of a source's chunk stream: epoch i // n_chunks, in a seeded permutation per epoch."""
+
+    def __init__(self, n_chunks: int, seed: int, source_name: str):
+        self.n_chunks = n_chunks
+        self.key = stable_hash("chunks", seed, source_name)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __call__(self, item: int) -> tuple[int, int]:
+        epoch, index = divmod(item, self.n_chunks)
+        if epoch not in self._cache:
+            if len(self._cache) >= 4:  # lanes move through epochs together; keep the latest few
+                del self._cache[min(self._cache)]
+            self._cache[epoch] = np.random.default_rng([self.key, epoch]).permutation(self.n_chunks)
+        return epoch, int(self._cache[epoch][index])
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPlan:
+    """The shape of the global stream."""
+
+    n_lanes: int  # K; divides the global batch
+    per_lane: int  # sequences each lane gives to every global batch: B / K
+    seq_len: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.n_lanes * self.per_lane
+
+    def positions(self, step: int, lane: int) -> np.ndarray:
+        """The global positions lane `lane` fills in global batch `step`."""
+        return step * self.global_batch + np.arange(self.per_lane) * self.n_lanes + lane
+
+
+class LaneSource:
+    """One source's token stream as one lane reads it, cut into windows of seq_len + 1 tokens
+    that overlap by one token (the last label of a window is the first input of the next), so
+    every token is an input once and a label once: none dropped, none repeated."""
+
+    def __init__(self, source: Source, order: ChunkOrder, lane: int, n_lanes: int, seq_len: int,
+                 tokenizer: Tokenizer, errors: RecordErrors, max_epochs: int | None,
+                 cursor: tuple[int, int] = (0, 0), num_threads: int = -1):
+        self.source, self.order, self.lane, self.n_lanes = source, order, lane, n_lanes
+        self.seq_len, self.tokenizer, self.errors = seq_len, tokenizer, errors
+        self.max_epochs, self.num_threads = max_epochs, num_threads
+        self.next_item, self.head = cursor  # the item at the buffer's head, and the offset into it
+        self.segments: list[tuple[int, np.ndarray]] = []  # (item, tokens) loaded and not consumed
+        self.epoch = 0  # of the latest item loaded
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        item = self.segments[0][0] if self.segments else self.next_item
+        return item, self.head
+
+    def window(self) -> np.ndarray:
+        need = self.seq_len + 1
+        while sum(len(t) for _, t in self.segments) - self.head < need:
+            self._load_next()
+        window = np.concatenate([t for _, t in self.segments])[self.head : self.head + need] \
+            if len(self.segments) > 1 else self.segments[0][1][self.head : self.head + need]
+        self.head += self.seq_len
+        while self.segments and self.head >= len(self.segments[0][1]):
+            self.head -= len(self.segments[0][1])
+            self.segments.pop(0)
+        return window
+
+    def _load_next(self) -> None:
+        empty = 0
+        while True:
+            item = self.next_item
+            epoch, chunk = self.order(self.lane + item * self.n_lanes)
+            if self.max_epochs is not None and epoch >= self.max_epochs:
+                raise PretrainError(
+                    f"data source {self.source.name!r} is used up: the mixture needs epoch {epoch + 1} of it but "
+                    f"its max_epochs={self.max_epochs}; raise max_epochs in its data.sources entry, lower "
+                    "its weight, or add data (then resume from the last checkpoint)")
+            self.epoch = max(self.epoch, epoch)
+            tokens = self.source.train_tokens(chunk, self.tokenizer, self.errors, self.num_threads)
+            self.next_item += 1
+            if len(tokens):
+                self.segments.append((item, tokens))
+                return
+            empty += 1
+            if empty > 2 * self.order.n_chunks:
+                raise PretrainError(f"data source {self.source.name!r} has no training documents in "
+                                    f"{empty} chunks in a row: check its files and data.val_fraction")
