@@ -69,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     tok_train.add_argument("--force", action="store_true", help="retrain even if the tokenizer file exists")
     tok_train.set_defaults(run=run_tokenizer_train, accepts_overrides=True)
+
+    data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", metavar="ACTION",
+                                                                        required=True)
+    prepare = data.add_parser(
+        "prepare", help="tokenize the config's sources into memory-mapped token shards",
+        description="Tokenize every source of data.sources once into data.prepared_dir/<source name>/ "
+                    "(token ids + chunk index + manifest, written atomically). Training with the same "
+                    "data.prepared_dir then reads the shards instead of tokenizing, and yields exactly "
+                    "the same batches. The tokenizer is trained first if missing.",
+    )
+    prepare.add_argument("config", help="YAML config file")
+    prepare.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    prepare.add_argument("--force", action="store_true", help="rebuild sources whose shards are up to date")
+    prepare.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    prepare.set_defaults(run=run_data_prepare, accepts_overrides=True)
     return parser
 
 
@@ -111,4 +126,23 @@ def run_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
         Path(cfg.tokenizer_path).unlink(missing_ok=True)
     tokenizer = load_or_train_tokenizer(cfg)
     print(f"{tokenizer.path}: {tokenizer.vocab_size} pieces")
+    return 0
+
+
+def run_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    import dataclasses
+
+    from pretrain.data.loader import load_or_train_tokenizer
+    from pretrain.data.prepared import prepare
+    from pretrain.log_setup import setup_logging
+
+    cfg = _load(args, extra)
+    setup_logging()
+    # The tokenizer is trained on (and the sources are read from) the raw files, never the shards.
+    raw = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared_dir=None))
+    tokenizer = load_or_train_tokenizer(raw)
+    for m in prepare(cfg, tokenizer, force=args.force, workers=args.workers, progress=sys.stderr.isatty()):
+        print(f"{m['source']}: {m['train_tokens']:,} training tokens, {m['val_tokens']:,} held-out tokens, "
+              f"{m['chunks']} chunks ({m['dtype']})")
+    print(f"train on them with --data.prepared_dir={cfg.data.prepared_dir}")
     return 0

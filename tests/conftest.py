@@ -74,3 +74,28 @@ def tiny_config(tmp_path, corpus_file, tokenizer_file):
         return load_config(None, tiny_overrides(tmp_path / "run", corpus_file, tokenizer_file, **extra), world_size=1)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def paragraphs_file(tmp_path_factory) -> Path:
+    """A second source: the pydoc topics' paragraphs as one JSON record each (~2k short documents)."""
+    path = tmp_path_factory.mktemp("second") / "paragraphs.jsonl"
+    rows = [p.strip() for doc in pydoc_documents() for p in doc.split("\n\n") if p.strip()]
+    path.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def mixed_config(tiny_config, corpus_file, paragraphs_file):
+    """Factory for a two-source config: the corpus (weight 0.3) and the paragraphs (0.7), a global
+    batch of 8 sequences in micro-batches of 2, read in the training process."""
+
+    def make(**extra):
+        sources = (f"[{{name: topics, path: '{corpus_file}', weight: 0.3}}, "
+                   f"{{name: paragraphs, path: '{paragraphs_file}', weight: 0.7}}]")
+        values = {"data__sources": sources, "data__chunk_bytes": 4096, "data__num_workers": 0,
+                  "train__micro_batch_size": 2, "train__global_batch_sequences": 8, "train__global_batch_tokens": None}
+        values.update(extra)
+        return tiny_config(**values)
+
+    return make

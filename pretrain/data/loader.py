@@ -50,7 +50,7 @@ class LaneGroup:
                  data: DataConfig, tokenizer: Tokenizer, cursors: dict[int, list[tuple[int, int]]],
                  num_threads: int):
         self.lanes, self.plan, self.mixture = lanes, plan, mixture
-        orders = [ChunkOrder(s.n_chunks, plan.seed, s.name) for s in sources]
+        orders = [ChunkOrder(s.n_chunks, plan.n_lanes, plan.seed, s.name) for s in sources]
         self.errors = [RecordErrors(s.name, data.on_bad_record) for s in sources]
         self.readers = {
             lane: [LaneSource(src, order, lane, plan.n_lanes, plan.seq_len, tokenizer, errors, cfg.max_epochs,
@@ -200,7 +200,8 @@ class TrainData:
 
     def state_dict(self) -> dict:
         """The global position of the stream (call on every rank: it gathers the lanes' cursors)."""
-        cursors = _gather_cursors({lane: self.cursors[lane] for lane in self.my_lanes})
+        cursors = dict(self.cursors)  # other ranks' lanes are stale here until gathered
+        cursors.update(_gather_cursors({lane: self.cursors[lane] for lane in self.my_lanes}))
         return {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint,
@@ -309,7 +310,7 @@ def tokenizer_training_documents(sources: list[Source], weights: list[float], se
 
 
 def _source_documents(source: TextSource, seed: int) -> Iterator[str]:
-    order = ChunkOrder(source.n_chunks, seed, source.name)
+    order = ChunkOrder(source.n_chunks, 1, seed, source.name)
     errors = RecordErrors(source.name, source.on_bad_record)
     for item in range(source.n_chunks):
         for text in source.documents(order(item)[1], errors):

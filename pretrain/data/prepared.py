@@ -86,11 +86,17 @@ class PreparedSource(Source):
             raise PretrainError(f"the prepared shards of source {self.name!r} ({self.dir}) are stale: its files "
                                 "changed since they were made; re-run `pretrain data prepare --force`")
 
-    def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1) -> np.ndarray:
+    def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1,
+                     part: int = 0, parts: int = 1) -> np.ndarray:
         if self._tokens is None:  # opened lazily, in the process that reads it
             self._tokens = np.memmap(self.dir / "tokens.bin", dtype=self.dtype, mode="r")
         start, end = self.chunks[chunk]
-        return self._tokens[start:end].astype(np.int32)
+        tokens = self._tokens[start:end].astype(np.int32)
+        if parts == 1:
+            return tokens
+        documents = np.split(tokens, np.flatnonzero(tokens == tokenizer.eos_id)[:-1] + 1)
+        mine = documents[part::parts]
+        return np.concatenate(mine) if mine else np.empty(0, dtype=np.int32)
 
     def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
         val = np.memmap(self.dir / "val.bin", dtype=self.dtype, mode="r") if self.manifest["val_tokens"] else []
@@ -142,8 +148,13 @@ def prepare_source(source: TextSource, cfg: SourceConfig, data: DataConfig, toke
             counts["train_tokens"] += len(train)
             counts["val_tokens"] += len(val)
             counts["skipped"] += skipped
+            elapsed = time.perf_counter() - start
             bar.update(1)
-            bar.set_postfix_str(f"{counts['train_tokens'] / (time.perf_counter() - start):,.0f} tok/s")
+            bar.set_postfix_str(f"{counts['train_tokens'] / elapsed:,.0f} tok/s")
+            if not progress and (chunk + 1) % max(1, source.n_chunks // 10) == 0:  # plain lines for logs
+                eta = elapsed / (chunk + 1) * (source.n_chunks - chunk - 1)
+                log.info("prepare %s: %d/%d chunks, %s tokens, %.0f tok/s, ETA %.0fs", source.name, chunk + 1,
+                         source.n_chunks, f"{counts['train_tokens']:,}", counts["train_tokens"] / elapsed, eta)
         for f in (train_file, val_file):
             f.flush()
             os.fsync(f.fileno())

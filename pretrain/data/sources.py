@@ -73,8 +73,10 @@ class Source:
     fingerprint: str
     total_bytes: int
 
-    def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1) -> np.ndarray:
-        """Token ids of the chunk's training documents in order, each followed by EOS (int32)."""
+    def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1,
+                     part: int = 0, parts: int = 1) -> np.ndarray:
+        """Token ids of the chunk's training documents in order, each followed by EOS (int32);
+        with `parts` > 1 only documents part, part + parts, part + 2 * parts, ..."""
         raise NotImplementedError
 
     def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
@@ -104,9 +106,12 @@ class TextSource(Source):
             (val if is_validation(text, self.val_fraction) else train).append(text)
         return train, val
 
-    def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1) -> np.ndarray:
+    def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1,
+                     part: int = 0, parts: int = 1) -> np.ndarray:
+        if part:  # every part reads the whole chunk; part 0 counts its skipped records
+            errors = RecordErrors(errors.source_name, errors.policy)
         docs = [d for d in self.documents(chunk, errors) if not is_validation(d, self.val_fraction)]
-        return tokenizer.encode_documents(docs, num_threads=num_threads)
+        return tokenizer.encode_documents(docs[part::parts], num_threads=num_threads)
 
     def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
         parts, count = [], 0

@@ -52,20 +52,26 @@ class Mixture:
 
 
 class ChunkOrder:
-    """Item i of a source's chunk stream: epoch i // n_chunks, in a seeded permutation per epoch."""
+    """Item i of a source's chunk stream: epoch i // items_per_epoch, in a seeded permutation per
+    epoch. A source with fewer chunks than lanes has each chunk dealt out in `parts` strided parts
+    (documents part, part + parts, ...), so that every lane reads different documents."""
 
-    def __init__(self, n_chunks: int, seed: int, source_name: str):
+    def __init__(self, n_chunks: int, n_lanes: int, seed: int, source_name: str):
         self.n_chunks = n_chunks
+        self.parts = -(-n_lanes // n_chunks)
+        self.items_per_epoch = n_chunks * self.parts
         self.key = stable_hash("chunks", seed, source_name)
         self._cache: dict[int, np.ndarray] = {}
 
-    def __call__(self, item: int) -> tuple[int, int]:
-        epoch, index = divmod(item, self.n_chunks)
+    def __call__(self, item: int) -> tuple[int, int, int]:
+        """(epoch, chunk, part) of item `item`."""
+        epoch, index = divmod(item, self.items_per_epoch)
         if epoch not in self._cache:
             if len(self._cache) >= 4:  # lanes move through epochs together; keep the latest few
                 del self._cache[min(self._cache)]
-            self._cache[epoch] = np.random.default_rng([self.key, epoch]).permutation(self.n_chunks)
-        return epoch, int(self._cache[epoch][index])
+            self._cache[epoch] = np.random.default_rng([self.key, epoch]).permutation(self.items_per_epoch)
+        chunk, part = divmod(int(self._cache[epoch][index]), self.parts)
+        return epoch, chunk, part
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,19 +128,20 @@ class LaneSource:
         empty = 0
         while True:
             item = self.next_item
-            epoch, chunk = self.order(self.lane + item * self.n_lanes)
+            epoch, chunk, part = self.order(self.lane + item * self.n_lanes)
             if self.max_epochs is not None and epoch >= self.max_epochs:
                 raise PretrainError(
                     f"data source {self.source.name!r} is used up: the mixture needs epoch {epoch + 1} of it but "
                     f"its max_epochs={self.max_epochs}; raise max_epochs in its data.sources entry, lower "
                     "its weight, or add data (then resume from the last checkpoint)")
             self.epoch = max(self.epoch, epoch)
-            tokens = self.source.train_tokens(chunk, self.tokenizer, self.errors, self.num_threads)
+            tokens = self.source.train_tokens(chunk, self.tokenizer, self.errors, self.num_threads,
+                                              part, self.order.parts)
             self.next_item += 1
             if len(tokens):
                 self.segments.append((item, tokens))
                 return
             empty += 1
-            if empty > 2 * self.order.n_chunks:
+            if empty > 2 * self.order.items_per_epoch:
                 raise PretrainError(f"data source {self.source.name!r} has no training documents in "
                                     f"{empty} chunks in a row: check its files and data.val_fraction")

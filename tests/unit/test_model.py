@@ -36,6 +36,23 @@ def test_future_tokens_do_not_change_past_logits():
     assert (before[:, 9:] - after[:, 9:]).abs().max() > 1e-3  # the change does reach later positions
 
 
+def test_document_masking_keeps_packed_documents_apart():
+    model = build(SMALL)
+    tokens = torch.randint(0, SMALL.vocab_size, (2, 16))
+    document_ids = torch.tensor([[0] * 6 + [1] * 10, [0] * 16])
+    changed = tokens.clone()
+    changed[0, :6] = (changed[0, :6] + 1) % SMALL.vocab_size  # rewrite row 0's first document
+    masked, masked_changed = model(tokens, document_ids), model(changed, document_ids)
+    # the second document of row 0 never sees the first one...
+    torch.testing.assert_close(masked[0, 6:], masked_changed[0, 6:], rtol=0, atol=1e-6)
+    # ...and, rotary embeddings being relative, gives the logits it gives when fed alone
+    torch.testing.assert_close(masked[0, 6:], model(tokens[:1, 6:])[0], rtol=1e-4, atol=1e-4)
+    # one document per row is plain causal attention
+    torch.testing.assert_close(masked[1], model(tokens)[1], rtol=1e-5, atol=1e-6)
+    # without masking the first document does reach the second
+    assert (model(tokens)[0, 6:] - model(changed)[0, 6:]).abs().max() > 1e-3
+
+
 def test_gqa_equals_mha_with_repeated_key_value_heads():
     gqa = build(SMALL)
     mha = build(ModelArgs(**{**SMALL.__dict__, "n_kv_heads": SMALL.n_heads}), seed=1)

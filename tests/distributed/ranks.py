@@ -1,0 +1,31 @@
+"""Run a function in several processes joined by a gloo process group, as torchrun would."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_ranks(fn: Callable, world_size: int, *args: object) -> None:
+    """Call fn(rank, world_size, *args) in `world_size` forked processes; a failure in any of them
+    fails the caller with that process's traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_entry, args=(fn, world_size, port, args), nprocs=world_size, join=True,
+                       start_method="fork")
+
+
+def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
