@@ -117,7 +117,7 @@ def run_config(args: argparse.Namespace, extra: list[str]) -> int:
 def run_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
     from pathlib import Path
 
-    from pretrain.data.loader import load_or_train_tokenizer
+    from pretrain.data import load_or_train_tokenizer
     from pretrain.log_setup import setup_logging
 
     cfg = _load(args, extra)
@@ -132,7 +132,7 @@ def run_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
 def run_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     import dataclasses
 
-    from pretrain.data.loader import load_or_train_tokenizer
+    from pretrain.data import load_or_train_tokenizer
     from pretrain.data.prepared import prepare
     from pretrain.log_setup import setup_logging
 

@@ -54,10 +54,17 @@ class DataConfig:
     )
     seq_len: int = option(1024, "tokens per training sequence (documents are packed, joined by EOS)")
     val_fraction: float = option(0.01, "share of documents held out for validation (chosen by content hash)")
-    num_workers: int = option(1, "background processes that read, tokenize and pack (0 = in the training process)")
+    num_workers: int | None = option(None, "background processes that read, tokenize and pack (0 = in the training "
+                                           "process; default: 2 when training on a GPU, 0 on a CPU)")
     prefetch: int = option(2, "global batches each worker prepares ahead of the trainer")
+    lanes: int | None = option(None, "parallel readers the stream is dealt to; a multiple of the global batch in "
+                                     "sequences, so a document's consecutive windows land lanes / batch steps "
+                                     "apart (default: the smallest such multiple >= 256)")
     chunk_bytes: int = option(1 << 20, "sources are split into chunks of about this size, the unit each reader "
                                        "takes and a resume re-reads (smaller for small sources)")
+    in_memory_max_bytes: int = option(64 << 20, "raw sources up to this size are tokenized whole when training "
+                                                "starts and read like prepared shards (shuffled across the source); "
+                                                "larger ones are streamed chunk by chunk (0 = stream every source)")
     document_masking: bool = option(False, "attention stays within each packed document (never across an EOS)")
     on_bad_record: Literal["error", "skip"] = option(
         "error", "a record that cannot be read (bad JSON, no text field, not UTF-8): stop, or skip and count it")
@@ -222,6 +229,10 @@ def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Con
         sequences = train.global_batch_sequences or train.micro_batch_size * world_size
         train = dataclasses.replace(train, global_batch_tokens=sequences * cfg.data.seq_len,
                                     global_batch_sequences=None)
+    sequences = train.global_batch_tokens // cfg.data.seq_len
+    if cfg.data.lanes is not None and (cfg.data.lanes <= 0 or cfg.data.lanes % sequences):
+        raise ConfigError([f"data.lanes={cfg.data.lanes} must be a positive multiple of the global batch of "
+                           f"{sequences} sequences, e.g. {sequences * max(1, -(-256 // sequences))}"], source)
     return dataclasses.replace(cfg, model=model, train=train)
 
 
@@ -264,7 +275,7 @@ def _check_data(d: DataConfig) -> list[str]:
         problems.append(f"data.seq_len={d.seq_len} must be at least 2")
     if not 0 <= d.val_fraction < 0.5:
         problems.append(f"data.val_fraction={d.val_fraction} must be in [0, 0.5), e.g. 0.01")
-    if d.num_workers < 0:
+    if d.num_workers is not None and d.num_workers < 0:
         problems.append(f"data.num_workers={d.num_workers} must be >= 0 (0 = read in the training process)")
     if d.prefetch < 1:
         problems.append(f"data.prefetch={d.prefetch} must be >= 1")

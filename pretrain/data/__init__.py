@@ -1,5 +1,7 @@
-"""The data pipeline: sources -> chunks -> lanes (tokenize, pack) -> the global stream -> each rank's micro-batches."""
+"""The data pipeline: sources -> chunks -> lanes or indexed windows -> the global stream -> each rank's micro-batches."""
 
-from pretrain.data.loader import IGNORE_INDEX, TrainData, load_or_train_tokenizer, open_sources, validation_batches
+from pretrain.data.heldout import IGNORE_INDEX, validation_batches
+from pretrain.data.loader import TrainData, open_sources
+from pretrain.data.tokenizer_setup import load_or_train_tokenizer
 
 __all__ = ["IGNORE_INDEX", "TrainData", "load_or_train_tokenizer", "open_sources", "validation_batches"]

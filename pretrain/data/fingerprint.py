@@ -4,29 +4,31 @@ continues the same stream, and which config key to look at when it does not."""
 from __future__ import annotations
 
 from pretrain.config import Config
-from pretrain.data.sources import Source
 from tokenizer import Tokenizer
 
 ALLOW_OVERRIDE = "--data.allow_changed_data=true"
 
 
-def stream_fingerprint(cfg: Config, sources: list[Source], tokenizer: Tokenizer, n_lanes: int) -> dict:
+def stream_fingerprint(cfg: Config, sources: list, modes: list[str], tokenizer: Tokenizer, n_lanes: int,
+                       global_batch: int) -> dict:
     """Everything the order and content of the stream depend on."""
     return {
         "seed": cfg.train.seed,
         "seq_len": cfg.data.seq_len,
+        "global_batch": global_batch,
         "lanes": n_lanes,
         "val_fraction": cfg.data.val_fraction,
         "tokenizer": tokenizer.sha256[:16],
-        "sources": {src.name: {"content": src.fingerprint, "weight": float(sc.weight)}
-                    for src, sc in zip(sources, cfg.data.sources)},
+        "sources": {src.name: {"content": src.fingerprint, "mode": mode, "weight": float(sc.weight)}
+                    for src, mode, sc in zip(sources, modes, cfg.data.sources)},
     }
 
 
 STREAM_KEYS = {
     "seed": "train.seed",
     "seq_len": "data.seq_len",
-    "lanes": "the global batch in sequences (train.global_batch_tokens / data.seq_len)",
+    "global_batch": "the global batch in sequences (train.global_batch_tokens / data.seq_len)",
+    "lanes": "data.lanes (by default the smallest multiple of the global batch >= 256)",
     "val_fraction": "data.val_fraction",
     "tokenizer": "the tokenizer model (tokenizer.path)",
 }
@@ -48,6 +50,10 @@ def stream_differences(saved: dict, current: dict, cfg: Config) -> list[str]:
             continue
         if old[name]["content"] != now["content"]:
             lines.append(f"{key}.path ({name!r}): its files changed (other files, sizes or text_field)")
+        if old[name]["mode"] != now["mode"]:
+            lines.append(f"{key} ({name!r}): read {old[name]['mode']} in the checkpoint, {now['mode']} now "
+                         "(prepared shards and sources up to data.in_memory_max_bytes are indexed, larger raw "
+                         "sources streamed)")
         if old[name]["weight"] != now["weight"]:
             lines.append(f"{key}.weight ({name!r}): {old[name]['weight']} in the checkpoint, {now['weight']} now")
     return lines

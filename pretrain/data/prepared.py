@@ -3,13 +3,14 @@ memory-mappable array of token ids, so training reads batches with almost no CPU
 
 Layout of prepared_dir/<source name>/ (the manifest is written last, then the directory is
 renamed into place, so a prepared source is whole or absent):
-  tokens.bin     training documents' tokens, each document followed by EOS (uint16 or uint32)
-  chunks.npy     (n_chunks, 2) int64: [start, end) of each chunk of the raw source in tokens.bin
+  tokens.bin     training documents' tokens in the source's order, each document followed by EOS
+                 (uint16 when the vocabulary fits, else uint32)
   val.bin        held-out documents' tokens, the same way
   manifest.json  format, source fingerprint, tokenizer hash, dtype, counts
 
-Chunks are those of the raw source, so a prepared source yields exactly the stream that
-tokenizing on the fly yields, and a checkpoint taken in one mode resumes in the other."""
+A prepared source is read as an IndexedSource (stream.py): windows at random across the whole
+source, shuffled per epoch; a small raw source tokenized in memory is read the same way and
+gives the very same stream."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.config import PREPARED_MANIFEST, Config, DataConfig, SourceConfig
-from pretrain.data.sources import BUILTIN, BuiltinSource, FileSource, RecordErrors, Source, TextSource
+from pretrain.data.sources import BUILTIN, BuiltinSource, FileSource, RecordErrors, TextSource
 from pretrain.errors import PretrainError
 from tokenizer import Tokenizer
 
@@ -44,8 +45,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-class PreparedSource(Source):
-    """A source read from its prepared shards."""
+class PreparedSource:
+    """A source read from its prepared shards: its token array, memory-mapped."""
 
     def __init__(self, directory: str, cfg: SourceConfig, data: DataConfig):
         self.dir, self.name = Path(directory), cfg.name
@@ -64,10 +65,14 @@ class PreparedSource(Source):
                 raise PretrainError(f"the prepared shards in {self.dir} were made with {key}={m[key]!r} but the "
                                     f"config has {want!r}; re-run `pretrain data prepare --force` or change it back")
         self.fingerprint, self.total_bytes = m["fingerprint"], m["source_bytes"]
-        self.chunks = np.load(self.dir / "chunks.npy")
-        self.n_chunks = len(self.chunks)
         self.dtype = np.dtype(m["dtype"])
-        self._tokens: np.memmap | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All training tokens, memory-mapped (opened in the process that reads them)."""
+        if self.manifest["train_tokens"] == 0:
+            return np.empty(0, dtype=self.dtype)
+        return np.memmap(self.dir / "tokens.bin", dtype=self.dtype, mode="r")
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         if self.manifest["tokenizer_sha256"] != tokenizer.sha256:
@@ -85,18 +90,6 @@ class PreparedSource(Source):
         if current != self.fingerprint:
             raise PretrainError(f"the prepared shards of source {self.name!r} ({self.dir}) are stale: its files "
                                 "changed since they were made; re-run `pretrain data prepare --force`")
-
-    def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1,
-                     part: int = 0, parts: int = 1) -> np.ndarray:
-        if self._tokens is None:  # opened lazily, in the process that reads it
-            self._tokens = np.memmap(self.dir / "tokens.bin", dtype=self.dtype, mode="r")
-        start, end = self.chunks[chunk]
-        tokens = self._tokens[start:end].astype(np.int32)
-        if parts == 1:
-            return tokens
-        documents = np.split(tokens, np.flatnonzero(tokens == tokenizer.eos_id)[:-1] + 1)
-        mine = documents[part::parts]
-        return np.concatenate(mine) if mine else np.empty(0, dtype=np.int32)
 
     def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
         val = np.memmap(self.dir / "val.bin", dtype=self.dtype, mode="r") if self.manifest["val_tokens"] else []
@@ -133,7 +126,6 @@ def prepare_source(source: TextSource, cfg: SourceConfig, data: DataConfig, toke
     tmp = directory.with_name(".tmp_" + directory.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    chunks = np.zeros((source.n_chunks, 2), dtype=np.int64)
     counts = {"train_tokens": 0, "val_tokens": 0, "skipped": 0}
     _worker = (source, tokenizer)
     start = time.perf_counter()
@@ -142,7 +134,6 @@ def prepare_source(source: TextSource, cfg: SourceConfig, data: DataConfig, toke
             context.Pool(workers) as pool, \
             tqdm(total=source.n_chunks, unit="chunk", desc=f"prepare {source.name}", disable=not progress) as bar:
         for chunk, (train, val, skipped) in enumerate(pool.imap(_tokenize_chunk, range(source.n_chunks), chunksize=4)):
-            chunks[chunk] = counts["train_tokens"], counts["train_tokens"] + len(train)
             train_file.write(train.astype(dtype).tobytes())
             val_file.write(val.astype(dtype).tobytes())
             counts["train_tokens"] += len(train)
@@ -159,7 +150,6 @@ def prepare_source(source: TextSource, cfg: SourceConfig, data: DataConfig, toke
             f.flush()
             os.fsync(f.fileno())
     _worker = None
-    np.save(tmp / "chunks.npy", chunks)
     manifest = {
         "format": FORMAT, "version": VERSION, "source": source.name, "fingerprint": source.fingerprint,
         "source_bytes": source.total_bytes, "text_field": cfg.text_field, "val_fraction": data.val_fraction,

@@ -22,9 +22,6 @@ from pretrain.errors import PretrainError
 from tokenizer import Tokenizer
 
 BUILTIN = {"python-docs": python_docs_documents}
-# Small sources are cut into at least this many chunks, so that many lanes can read them at once.
-MIN_CHUNKS_PER_SOURCE = 256
-MIN_CHUNK_BYTES = 4096
 # A compressed file is read once per chunk it is split into: more parts cost more decompression.
 MAX_COMPRESSED_PARTS = 8
 COMPRESSION_RATIO_GUESS = 4
@@ -54,11 +51,6 @@ def is_validation(text: str, val_fraction: float) -> bool:
         return False
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
-
-
-def chunk_target_bytes(total_bytes: int, chunk_bytes: int) -> int:
-    """Bytes per chunk: `chunk_bytes`, smaller for a small source so it still has many chunks."""
-    return max(MIN_CHUNK_BYTES, min(chunk_bytes, total_bytes // MIN_CHUNKS_PER_SOURCE))
 
 
 def even_bounds(total: int, parts: int) -> list[int]:
@@ -113,6 +105,11 @@ class TextSource(Source):
         docs = [d for d in self.documents(chunk, errors) if not is_validation(d, self.val_fraction)]
         return tokenizer.encode_documents(docs[part::parts], num_threads=num_threads)
 
+    def all_train_tokens(self, tokenizer: Tokenizer, errors: RecordErrors) -> np.ndarray:
+        """The training tokens of every chunk in order: the whole source, as prepared shards hold it."""
+        parts = [self.train_tokens(chunk, tokenizer, errors) for chunk in range(self.n_chunks)]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
+
     def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
         parts, count = [], 0
         errors = RecordErrors(self.name, self.on_bad_record)
@@ -134,7 +131,7 @@ class BuiltinSource(TextSource):
         self.docs = tuple(BUILTIN[cfg.path]())
         lengths = [len(d) for d in self.docs]
         self.total_bytes = sum(lengths)
-        target = chunk_target_bytes(self.total_bytes, chunk_bytes)
+        target = chunk_bytes
         bounds, size = [0], 0
         for i, n in enumerate(lengths):
             size += n
@@ -172,7 +169,7 @@ class FileSource(TextSource):
             if kind == "parquet":
                 byte_sizes[i] = self._read_parquet_metadata(i)
         self.total_bytes = sum(byte_sizes)
-        target = chunk_target_bytes(self.total_bytes, chunk_bytes)
+        target = chunk_bytes
         rows = []
         for i, ((kind, compression), size) in enumerate(zip(self.formats, byte_sizes)):
             if compression:

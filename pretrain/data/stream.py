@@ -2,7 +2,7 @@
 alone, and produced in parallel by lanes.
 
 Position p of the stream (global batch p // B, B sequences per global batch) is filled by lane
-p % K, where K, the number of lanes, divides B. A lane is an independent producer: for every
+p % K, where K, the number of lanes, is a multiple of B. A lane is an independent producer: for every
 source it walks its own share of that source's chunks (items lane, lane + K, lane + 2K, ... of
 the source's chunk order, which is a seeded permutation per epoch), tokenizes them, joins the
 documents with EOS and cuts windows of seq_len + 1 tokens. Which source fills position p is a
@@ -51,6 +51,67 @@ class Mixture:
         return np.searchsorted(self.thresholds, u, side="right")
 
 
+class Permutation:
+    """A seeded bijection of [0, n) evaluated one index at a time (a Feistel network with cycle
+    walking), so an epoch of 10**9 windows is shuffled without an array of 10**9 entries."""
+
+    def __init__(self, n: int, *seed: object):
+        self.n = n
+        bits = max(2, (max(n - 1, 1)).bit_length() + 1) // 2 * 2  # even, so both halves are equal
+        self.half, self.mask = bits // 2, (1 << (bits // 2)) - 1
+        self.keys = [stable_hash("perm", *seed, r) for r in range(4)]
+
+    def __getitem__(self, i: int) -> int:
+        while True:  # a bijection on [0, 2**bits); walk until the result lands in [0, n)
+            left, right = i >> self.half, i & self.mask
+            for key in self.keys:
+                left, right = right, left ^ (stable_hash(key, right) & self.mask)
+            i = (left << self.half) | right
+            if i < self.n:
+                return i
+
+
+class IndexedSource:
+    """A source whose whole token stream is known (prepared shards, or a small source tokenized in
+    memory): window q of its stream is found by arithmetic, so it is read at random, shuffled
+    across the whole source.
+
+    The source's token stream repeated epoch after epoch is cut into windows of seq_len + 1
+    tokens overlapping by one; epoch e holds the windows that start in its copy, in a seeded
+    order. Every token is an input once per epoch: none dropped, none repeated."""
+
+    def __init__(self, name: str, tokens: np.ndarray, seq_len: int, seed: int, max_epochs: int | None):
+        if len(tokens) < 2:
+            raise PretrainError(f"data source {name!r} has no training documents: check its files and "
+                                "data.val_fraction")
+        self.name, self.tokens, self.seq_len, self.seed, self.max_epochs = name, tokens, seq_len, seed, max_epochs
+        self._orders: dict[int, Permutation] = {}
+
+    def epoch_start(self, epoch: int) -> int:
+        """Index of the first window of `epoch`: windows start every seq_len tokens of the repeated stream."""
+        return -(-epoch * len(self.tokens) // self.seq_len)
+
+    def epoch_of(self, q: int) -> int:
+        return q * self.seq_len // len(self.tokens)
+
+    def window(self, q: int) -> np.ndarray:
+        """Window q of the source's shuffled stream."""
+        epoch = self.epoch_of(q)
+        if self.max_epochs is not None and epoch >= self.max_epochs:
+            raise PretrainError(
+                f"data source {self.name!r} is used up: the mixture needs epoch {epoch + 1} of it but its "
+                f"max_epochs={self.max_epochs}; raise max_epochs in its data.sources entry, lower its weight, "
+                "or add data (then resume from the last checkpoint)")
+        first, n = self.epoch_start(epoch), self.epoch_start(epoch + 1) - self.epoch_start(epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: Permutation(n, self.seed, self.name, epoch)}
+        start = (first + self._orders[epoch][q - first]) * self.seq_len % len(self.tokens)
+        end = start + self.seq_len + 1
+        if end <= len(self.tokens):
+            return np.asarray(self.tokens[start:end], dtype=np.int32)
+        return np.asarray(self.tokens[np.arange(start, end) % len(self.tokens)], dtype=np.int32)
+
+
 class ChunkOrder:
     """Item i of a source's chunk stream: epoch i // items_per_epoch, in a seeded permutation per
     epoch. A source with fewer chunks than lanes has each chunk dealt out in `parts` strided parts
@@ -76,20 +137,27 @@ class ChunkOrder:
 
 @dataclasses.dataclass(frozen=True)
 class StreamPlan:
-    """The shape of the global stream."""
+    """The shape of the global stream: K lanes, a multiple of the global batch B, so global batch
+    k is filled by the block of lanes (k * B) % K ... + B - 1, and a lane serves every (K / B)-th
+    batch: consecutive windows of a document land K / B steps apart."""
 
-    n_lanes: int  # K; divides the global batch
-    per_lane: int  # sequences each lane gives to every global batch: B / K
+    n_lanes: int
+    global_batch: int
     seq_len: int
     seed: int
 
-    @property
-    def global_batch(self) -> int:
-        return self.n_lanes * self.per_lane
+    def first_lane(self, step: int) -> int:
+        return step * self.global_batch % self.n_lanes
 
-    def positions(self, step: int, lane: int) -> np.ndarray:
-        """The global positions lane `lane` fills in global batch `step`."""
-        return step * self.global_batch + np.arange(self.per_lane) * self.n_lanes + lane
+    def active(self, lanes: np.ndarray, step: int) -> np.ndarray:
+        """Which of `lanes` fill a position of global batch `step` (position = lane - first_lane)."""
+        first = self.first_lane(step)
+        return (lanes >= first) & (lanes < first + self.global_batch)
+
+
+def default_lanes(global_batch: int, at_least: int = 256) -> int:
+    """The smallest multiple of the global batch that is at least `at_least`."""
+    return global_batch * -(-at_least // global_batch)
 
 
 class LaneSource:

@@ -1,5 +1,6 @@
 """The global stream: weighted mixing, packing without loss, rank x worker sharding, exact resume
-at any world size, fingerprints, epochs and the held-out batches."""
+at any world size, fingerprints, epochs and the held-out batches, for both ways of reading a
+source: indexed (small or prepared sources, shuffled across the source) and streamed (lanes)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ import pytest
 
 from pretrain.data import TrainData, open_sources, validation_batches
 from pretrain.data.sources import RecordErrors
-from pretrain.data.stream import ChunkOrder, LaneSource, Mixture
+from pretrain.data.stream import ChunkOrder, IndexedSource, LaneSource, Mixture, Permutation
 from pretrain.errors import PretrainError
+
+
+# read every source chunk by chunk through lanes (as many as the global batch: the test sources are small)
+STREAMED = {"data__in_memory_max_bytes": 0, "data__lanes": 8}
+MODES = pytest.mark.parametrize("mode", [{}, STREAMED], ids=["indexed", "streamed"])
 
 
 def rows_of(batches) -> list[tuple[int, ...]]:
@@ -67,10 +73,35 @@ def test_a_lane_packs_its_chunks_without_dropping_or_repeating_a_token(mixed_con
     assert (inputs == tokenizer.eos_id).sum() > 10  # many documents packed, joined by EOS
 
 
+def test_permutation_is_a_seeded_bijection():
+    for n in (1, 2, 7, 1000, 4097):
+        order = [Permutation(n, 0, "a")[i] for i in range(n)]
+        assert sorted(order) == list(range(n))
+    assert [Permutation(1000, 0)[i] for i in range(20)] != [Permutation(1000, 1)[i] for i in range(20)]
+
+
+def test_an_indexed_source_tiles_its_repeated_stream_with_shuffled_windows():
+    tokens = np.arange(1000, dtype=np.int32)
+    source = IndexedSource("s", tokens, seq_len=32, seed=0, max_epochs=None)
+    repeated = np.concatenate([tokens] * 4)
+    for epoch in range(3):
+        first, last = source.epoch_start(epoch), source.epoch_start(epoch + 1)
+        windows = [source.window(q) for q in range(first, last)]
+        # epoch e's windows cover exactly its stretch of the repeated stream, each token once as an
+        # input (the window at an epoch's end runs on into the next copy)...
+        inputs = np.concatenate([w[:-1] for w in windows])
+        assert np.array_equal(np.sort(inputs), np.sort(repeated[first * 32 : last * 32]))
+        assert all(np.array_equal(w[1:], (w[:-1] + 1) % 1000) for w in windows)  # contiguous, wrapping around
+        # ...in a shuffled order
+        assert [int(w[0]) for w in windows] != sorted(int(w[0]) for w in windows)
+        assert source.epoch_of(first) == epoch == source.epoch_of(last - 1)
+
+
+@MODES
 @pytest.mark.parametrize("world_size, workers", [(2, 0), (2, 2), (4, 1)])
-def test_ranks_and_workers_take_exactly_the_single_process_stream(mixed_config, tokenizer, world_size, workers):
-    single = take(TrainData(mixed_config(), tokenizer), steps=6)
-    cfg = mixed_config(data__num_workers=workers)
+def test_ranks_and_workers_take_exactly_the_single_process_stream(mixed_config, tokenizer, mode, world_size, workers):
+    single = take(TrainData(mixed_config(**mode), tokenizer), steps=6)
+    cfg = mixed_config(data__num_workers=workers, **mode)
     per_rank = [take(TrainData(cfg, tokenizer, rank, world_size), steps=6) for rank in range(world_size)]
     for step in range(6):
         for rank in range(world_size):  # position i of a global batch goes to rank i % R
@@ -85,20 +116,21 @@ def test_each_rank_reads_only_its_own_chunks(mixed_config, tokenizer, monkeypatc
     read = collections.defaultdict(set)
     original = TextSource.train_tokens
 
-    def spy(self, chunk, *args, **kwargs):
-        read[current_rank].add((self.name, chunk))
-        return original(self, chunk, *args, **kwargs)
+    def spy(self, chunk, tokenizer, errors, num_threads=-1, part=0, parts=1):
+        read[current_rank].add((self.name, chunk, part))
+        return original(self, chunk, tokenizer, errors, num_threads, part, parts)
 
     monkeypatch.setattr(TextSource, "train_tokens", spy)
-    cfg = mixed_config()
+    cfg = mixed_config(**STREAMED)
     for current_rank in range(2):
         take(TrainData(cfg, tokenizer, current_rank, 2), steps=20)
     assert read[0] and read[1] and not read[0] & read[1]
 
 
+@MODES
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_gives_the_identical_next_batches(mixed_config, tokenizer, workers):
-    cfg = mixed_config(data__num_workers=workers)
+def test_resume_gives_the_identical_next_batches(mixed_config, tokenizer, mode, workers):
+    cfg = mixed_config(data__num_workers=workers, **mode)
     first = TrainData(cfg, tokenizer)
     take_first = [rows_of(first.next_step()) for _ in range(5)]
     state = first.state_dict()
@@ -110,8 +142,9 @@ def test_resume_gives_the_identical_next_batches(mixed_config, tokenizer, worker
     assert len(take_first) == 5
 
 
-def test_resume_at_another_world_size_continues_the_same_global_stream(mixed_config, tokenizer):
-    cfg = mixed_config()
+@MODES
+def test_resume_at_another_world_size_continues_the_same_global_stream(mixed_config, tokenizer, mode):
+    cfg = mixed_config(**mode)
     single = take(TrainData(cfg, tokenizer), steps=9)
     # 2 ranks for 4 steps, then 1 process
     ranks = [TrainData(cfg, tokenizer, r, 2) for r in range(2)]
@@ -157,19 +190,21 @@ def test_mix_share_is_logged_cumulatively_and_matches_weights(mixed_config, toke
     take(data, steps=100)
     share = data.metrics()["mix_share"]
     assert share == pytest.approx({"topics": 0.3, "paragraphs": 0.7}, abs=0.01)
-    assert data.tokens_by_source.sum() == 100 * 8 * 32
+    assert data.positions_by_source.sum() == 100 * 8  # sequences of the 100 global batches
 
 
-def test_small_source_repeats_with_a_warning_and_max_epochs_stops_it(mixed_config, tokenizer, tmp_path, caplog):
+@MODES
+def test_small_source_repeats_with_a_warning_and_max_epochs_stops_it(mixed_config, tokenizer, tmp_path, caplog, mode):
     small = tmp_path / "small.jsonl"
-    small.write_text("".join(json.dumps({"text": f"tiny document number {i}"}) + "\n" for i in range(30)))
+    small.write_text("".join(json.dumps({"text": f"tiny document number {i}"}) + "\n" for i in range(300)))
     sources = f"[{{name: small, path: '{small}', weight: 0.5}}, {{name: big, path: python-docs, weight: 0.5}}]"
     with caplog.at_level(logging.WARNING):
-        take(TrainData(mixed_config(data__sources=sources), tokenizer), steps=40)
+        take(TrainData(mixed_config(data__sources=sources, **mode), tokenizer), steps=80)
     assert "data source 'small': starting epoch 2, its documents are being repeated" in caplog.text
+    assert "'big': starting epoch" not in caplog.text
     limited = sources.replace("weight: 0.5}, {name: big", "weight: 0.5, max_epochs: 1}, {name: big")
     with pytest.raises(PretrainError, match=r"'small' is used up: .* max_epochs=1; raise max_epochs"):
-        take(TrainData(mixed_config(data__sources=limited), tokenizer), steps=40)
+        take(TrainData(mixed_config(data__sources=limited, **mode), tokenizer), steps=80)
 
 
 def test_a_bad_record_in_a_worker_is_a_clean_error_or_a_counted_skip(mixed_config, tokenizer, tmp_path):
@@ -177,9 +212,10 @@ def test_a_bad_record_in_a_worker_is_a_clean_error_or_a_counted_skip(mixed_confi
     bad.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(200)) + "{oops\n")
     sources = f"[{{name: bad, path: '{bad}', weight: 1.0}}]"
     with pytest.raises(PretrainError, match=r"bad\.jsonl line 201: not valid JSON") as info:
-        take(TrainData(mixed_config(data__sources=sources, data__num_workers=2), tokenizer), steps=200)
+        take(TrainData(mixed_config(data__sources=sources, data__num_workers=2, **STREAMED), tokenizer), steps=200)
     assert "Traceback" not in str(info.value)
-    data = TrainData(mixed_config(data__sources=sources, data__num_workers=2, data__on_bad_record="skip"), tokenizer)
+    data = TrainData(mixed_config(data__sources=sources, data__num_workers=2, data__on_bad_record="skip",
+                                  **STREAMED), tokenizer)
     take(data, steps=200)
     skipped = data.metrics()["bad_records"]["bad"]
     assert 1 <= skipped <= data.epochs[0] + 1  # met at most once per epoch

@@ -32,22 +32,28 @@ def prepared_config(mixed_config, tmp_path):
     return make
 
 
-def test_prepared_shards_give_exactly_the_streamed_batches(prepared_config, tokenizer):
-    streamed_cfg = prepared_config(prepared=False)
+def test_prepared_shards_give_exactly_the_batches_of_the_source_tokenized_in_memory(prepared_config, tokenizer):
+    in_memory_cfg = prepared_config(prepared=False)
     cfg = prepared_config(prepared=True)
     manifests = prepare(cfg, tokenizer, workers=2, progress=False)
     assert [m["source"] for m in manifests] == ["topics", "paragraphs", "small"]
     for m in manifests:
         directory = Path(cfg.data.prepared_dir) / m["source"]
         assert m["dtype"] == "uint16" and m["tokenizer_sha256"] == tokenizer.sha256
-        assert (directory / "tokens.bin").stat().st_size == 2 * m["train_tokens"]
-        assert len(np.load(directory / "chunks.npy")) == m["chunks"]
-    streamed = TrainData(streamed_cfg, tokenizer)
+        assert (directory / "tokens.bin").stat().st_size == 2 * m["train_tokens"] > 0
+        assert (directory / "val.bin").stat().st_size == 2 * m["val_tokens"]
+    in_memory = TrainData(in_memory_cfg, tokenizer)
     from_shards = TrainData(cfg, tokenizer)
-    assert from_shards.fingerprint == streamed.fingerprint  # a checkpoint resumes in either mode
-    assert take(from_shards, steps=30) == take(streamed, steps=30)
-    for (x, y), (a, b) in zip(validation_batches(cfg, tokenizer, 3), validation_batches(streamed_cfg, tokenizer, 3)):
+    assert np.array_equal(from_shards.indexed[0].tokens, in_memory.indexed[0].tokens)
+    assert from_shards.fingerprint == in_memory.fingerprint  # a checkpoint resumes in either mode
+    assert take(from_shards, steps=30) == take(in_memory, steps=30)
+    for (x, y), (a, b) in zip(validation_batches(cfg, tokenizer, 3), validation_batches(in_memory_cfg, tokenizer, 3)):
         assert x.equal(a) and y.equal(b)
+    # a source streamed chunk by chunk gives another stream: resuming it from shards is refused
+    streamed = TrainData(prepared_config(prepared=False, data__in_memory_max_bytes=0), tokenizer)
+    take(streamed, steps=2)
+    with pytest.raises(PretrainError, match=r"\('topics'\): read streamed in the checkpoint, indexed now"):
+        TrainData(cfg, tokenizer).load_state_dict(streamed.state_dict())
 
 
 def test_prepare_skips_up_to_date_sources_and_checks_what_it_reads(prepared_config, tokenizer, tmp_path,

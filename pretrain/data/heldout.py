@@ -1,0 +1,42 @@
+"""The held-out batches: the first documents of each source's validation split, packed."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pretrain.config import Config
+from pretrain.data.loader import open_sources
+from pretrain.data.packing import cut_windows
+from pretrain.errors import PretrainError
+from tokenizer import Tokenizer
+
+IGNORE_INDEX = -100  # labels with this value add nothing to the loss (F.cross_entropy default)
+
+
+def validation_batches(cfg: Config, tokenizer: Tokenizer, max_batches: int, rank: int = 0, world_size: int = 1,
+                       sources: list | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the first `max_batches` micro-batches of the held-out split, built
+    once (all sources in order, the last window padded; padding is ignored by the loss)."""
+    data, batch_size = cfg.data, cfg.train.micro_batch_size
+    sources = sources if sources is not None else open_sources(data)
+    wanted = max_batches * batch_size * world_size * data.seq_len + 1
+    parts, have = [], 0
+    for source in sources:
+        if have >= wanted:
+            break
+        parts.append(source.validation_tokens(tokenizer, wanted - have))
+        have += len(parts[-1])
+    if have < 2:
+        raise PretrainError(f"the validation split is empty: no document fell in data.val_fraction="
+                            f"{data.val_fraction}; raise it or set eval.every=0")
+    tokens = np.concatenate(parts)[:wanted]
+    windows = cut_windows(tokens, data.seq_len, tokenizer.pad_id)[: max_batches * batch_size * world_size]
+    mine = torch.from_numpy(windows[rank::world_size])
+    batches = []
+    for start in range(0, len(mine), batch_size):
+        window = mine[start : start + batch_size]
+        labels = window[:, 1:].clone()
+        labels[labels == tokenizer.pad_id] = IGNORE_INDEX
+        batches.append((window[:, :-1].contiguous(), labels))
+    return batches
