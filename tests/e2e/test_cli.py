@@ -29,6 +29,8 @@ def test_help_lists_commands_and_config_keys():
     for key in ("--model.n_kv_heads=", "--train.global_batch_tokens=", "--data.sources="):
         assert key in train.stdout
     assert pretrain("tokenizer", "train", "--help").returncode == 0
+    prepare = pretrain("data", "prepare", "--help")
+    assert prepare.returncode == 0 and "data.prepared_dir" in prepare.stdout
 
 
 def test_impossible_shape_exits_2_with_one_paragraph():
@@ -108,3 +110,27 @@ def test_torchrun_launcher_passes_config_and_overrides(tmp_path, corpus_file, to
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "parallel.backend='none' runs one process but WORLD_SIZE=2" in result.stderr
+
+
+def test_prepared_shards_train_exactly_like_text_and_a_changed_mixture_names_the_override(
+        tmp_path, corpus_file, tokenizer_file, paragraphs_file):
+    sources = (f"--data.sources=[{{name: topics, path: '{corpus_file}', weight: 0.4}}, "
+               f"{{name: paragraphs, path: '{paragraphs_file}', weight: 0.6}}]")
+    base = [*config_file_and_overrides(tmp_path, corpus_file, tokenizer_file, 6), sources]
+    prepared = f"--data.prepared_dir={tmp_path / 'prepared'}"
+    result = pretrain("data", "prepare", *base, prepared, "--workers=2")
+    assert result.returncode == 0, result.stderr
+    assert "topics: " in result.stdout and f"train on them with {prepared}" in result.stdout
+    assert (tmp_path / "prepared" / "paragraphs" / "manifest.json").is_file()
+
+    assert pretrain("train", *base, f"--out_dir={tmp_path / 'text'}").returncode == 0
+    result = pretrain("train", *base, prepared, f"--out_dir={tmp_path / 'shards'}", "--checkpoint.every=3")
+    assert result.returncode == 0, result.stderr
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run)] for run in ("text", "shards")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+    reweighted = sources.replace("weight: 0.4", "weight: 0.5").replace("weight: 0.6", "weight: 0.5")
+    result = pretrain("train", *base, reweighted, prepared, f"--out_dir={tmp_path / 'shards'}", "--train.max_steps=9")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "data.sources[0].weight ('topics'): 0.4 in the checkpoint, 0.5 now" in result.stderr
+    assert "--data.allow_changed_data=true" in result.stderr

@@ -26,22 +26,22 @@ def train_losses(records: list[dict]) -> list[float]:
 
 
 def test_loss_falls_and_outputs_are_written(tiny_config):
-    cfg = tiny_config(train__max_steps=60, eval__every=30, eval__batches=4, eval__sample_tokens=8,
+    cfg = tiny_config(train__max_steps=150, eval__every=75, eval__batches=4, eval__sample_tokens=8,
                       eval__sample_prompts="[The]", logging__every=5)
     trainer, records = run(cfg)
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
-    assert [r["step"] for r in train] == list(range(5, 61, 5))
+    assert [r["step"] for r in train] == list(range(5, 151, 5))
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gib", "tokens", "eta_s"):
         assert key in train[0], key
-    assert train[-1]["tokens"] == 60 * cfg.train.global_batch_tokens
-    assert [r["step"] for r in val] == [0, 30, 60]
+    assert train[-1]["tokens"] == 150 * cfg.train.global_batch_tokens
+    assert [r["step"] for r in val] == [0, 75, 150]
     assert val[0]["val_loss"] == pytest.approx(math.log(cfg.model.vocab_size), abs=0.3)  # untrained ~ uniform
     assert val[-1]["val_loss"] < 0.8 * val[0]["val_loss"]
     assert val[-1]["val_ppl"] == pytest.approx(math.exp(val[-1]["val_loss"]))
     out = Path(cfg.out_dir)
     assert load_config(str(out / "config.yaml"), [], world_size=1) == cfg
-    assert (out / "samples.txt").read_text().startswith("=== step 60 ===\nThe")
+    assert (out / "samples.txt").read_text().startswith("=== step 150 ===\nThe")
 
 
 def test_same_seed_same_losses_other_seed_differs(tiny_config, tmp_path):
@@ -82,3 +82,11 @@ def test_bf16_run_trains(tiny_config):
     records = run(tiny_config(train__precision="bf16", train__max_steps=20))[1]
     losses = train_losses(records)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_metrics_log_the_realised_mixture(mixed_config):
+    cfg = mixed_config(train__max_steps=150, logging__every=50)
+    records = [r for r in run(cfg)[1] if "loss" in r]
+    assert [r["step"] for r in records] == [50, 100, 150]
+    for record in records:  # cumulative since step 0, within 1% of the weights
+        assert record["mix_share"] == pytest.approx({"topics": 0.3, "paragraphs": 0.7}, abs=0.01)
