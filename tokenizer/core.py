@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -10,6 +12,14 @@ import numpy as np
 import sentencepiece as spm
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+# sentencepiece splits text into words before BPE: a word starts at a run of spaces (with
+# allow_whitespace_only_pieces the run stays one word) and no merge crosses a word boundary, so a
+# text's ids are the concatenation of its words' ids. Caching frequent words skips most BPE work.
+# A literal U+2581 is the symbol spaces become, so it splits words too.
+_WORD = re.compile("[ \u2581]*[^ \u2581]+|[ \u2581]+")
+_CACHE_MAX_WORDS = 1 << 20
+_CACHE_MAX_WORD_CHARS = 64
 
 
 class Tokenizer:
@@ -19,6 +29,7 @@ class Tokenizer:
         self._sp = processor
         self.path = path
         self.sha256 = hashlib.sha256(processor.serialized_model_proto()).hexdigest()
+        self._word_ids: dict[str, list[int]] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -56,11 +67,24 @@ class Tokenizer:
 
     def encode_documents(self, texts: Sequence[str], num_threads: int = -1) -> np.ndarray:
         """Token ids of all `texts` as one int32 array, each text followed by EOS (the packed
-        stream's format)."""
-        if not texts:
-            return np.empty(0, dtype=np.int32)
-        arrays = self._sp.encode(list(texts), add_eos=True, return_type="numpy", num_threads=num_threads)
-        return np.concatenate(arrays).astype(np.int32, copy=False)
+        stream's format). Exactly `encode` of each text, but words already seen are not encoded
+        again (the cache of frequent words is what makes this several times faster)."""
+        words: list[str] = []
+        for text in texts:
+            words += _WORD.findall(text)
+            words.append("")  # the regex never yields "": it stands for the EOS after each text
+        cache = self._word_ids
+        if len(cache) > _CACHE_MAX_WORDS:  # bounded memory; refilled from the next texts
+            cache.clear()
+        cache[""] = [self.eos_id]
+        missing = list(set(words).difference(cache))
+        if missing:
+            cache.update(zip(missing, self._sp.encode(missing, num_threads=num_threads)))
+        ids = list(itertools.chain.from_iterable(map(cache.__getitem__, words)))
+        for word in missing:  # long words (URLs, hashes, base64) rarely come back: do not keep them
+            if len(word) > _CACHE_MAX_WORD_CHARS:
+                del cache[word]
+        return np.array(ids, dtype=np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))

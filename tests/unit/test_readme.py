@@ -24,3 +24,15 @@ def test_main_job_runs_the_demo_config():
     main_job, _ = readme_commands()
     assert "torch==2.13.0" in main_job and main_job.endswith("pretrain train configs/demo.yaml")
     assert (REPO / "configs" / "demo.yaml").is_file()
+
+
+def test_yaml_examples_use_real_keys_and_types():
+    from pretrain.config import Config
+    from pretrain.config_parse import build, load_yaml_text
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    assert len(blocks) >= 2  # the config tour and the data mixing example
+    for block in blocks:
+        problems: list[str] = []
+        build(Config, load_yaml_text(block), "", problems)
+        assert problems == [], block

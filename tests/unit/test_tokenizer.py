@@ -77,3 +77,35 @@ def test_too_little_text_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="Give more text or a smaller vocabulary"):
         train_tokenizer(["tiny text"], 5000, tmp_path / "t.model")
     assert not (tmp_path / "t.model").exists()
+
+
+def reference_documents(tokenizer: Tokenizer, texts: list[str]) -> list[int]:
+    """What encode_documents must equal: each text encoded whole by sentencepiece, then EOS."""
+    return [t for text in texts for t in (*tokenizer.encode(text), tokenizer.eos_id)]
+
+
+def random_texts(seed: int, count: int) -> list[str]:
+    """Strings that stress the word split: runs of spaces, tabs, newlines, digits, CJK, emoji,
+    combining marks, control characters and the ▁ meta symbol itself."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = ["a", "Z", "é", "e\u0301", "日", "本", "🙂", "∑", "7", "0", " ", " ", " ", "  ", "\t", "\n", "\r\n",
+                "\u2581", "\x00", "\x07", "\u00a0", "\u3000", "def", "the", " the", "ing", ".", "::", "\u200b"]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60))) for _ in range(count)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_encode_documents_equals_encoding_each_text_whole(tokenizer, seed):
+    texts = random_texts(seed, 400)
+    assert tokenizer.encode_documents(texts).tolist() == reference_documents(tokenizer, texts)
+    # and again, now from the word cache
+    assert tokenizer.encode_documents(texts[::-1]).tolist() == reference_documents(tokenizer, texts[::-1])
+
+
+def test_encode_documents_on_real_text(tokenizer):
+    from pretrain.data.builtin import python_docs_documents
+
+    docs = list(python_docs_documents())[:300] + SAMPLES
+    assert tokenizer.encode_documents(docs).tolist() == reference_documents(tokenizer, docs)
+    assert tokenizer.encode_documents([]).tolist() == []
