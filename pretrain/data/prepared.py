@@ -108,12 +108,12 @@ def is_up_to_date(directory: Path, source: TextSource, tokenizer: Tokenizer, dat
 _worker: tuple[TextSource, Tokenizer] | None = None
 
 
-def _tokenize_chunk(chunk: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _tokenize_chunk(chunk: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     source, tokenizer = _worker
     errors = RecordErrors(source.name, source.on_bad_record)
     train, val = source.split_documents(chunk, errors)
     return (tokenizer.encode_documents(train, num_threads=1), tokenizer.encode_documents(val, num_threads=1),
-            errors.skipped)
+            len(train), errors.skipped)
 
 
 def prepare_source(source: TextSource, cfg: SourceConfig, data: DataConfig, tokenizer: Tokenizer, directory: Path,
@@ -126,18 +126,20 @@ def prepare_source(source: TextSource, cfg: SourceConfig, data: DataConfig, toke
     tmp = directory.with_name(".tmp_" + directory.name)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    counts = {"train_tokens": 0, "val_tokens": 0, "skipped": 0}
+    counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "skipped": 0}
     _worker = (source, tokenizer)
     start = time.perf_counter()
     context = multiprocessing.get_context("fork")
     with open(tmp / "tokens.bin", "wb") as train_file, open(tmp / "val.bin", "wb") as val_file, \
             context.Pool(workers) as pool, \
             tqdm(total=source.n_chunks, unit="chunk", desc=f"prepare {source.name}", disable=not progress) as bar:
-        for chunk, (train, val, skipped) in enumerate(pool.imap(_tokenize_chunk, range(source.n_chunks), chunksize=4)):
+        for chunk, (train, val, documents, skipped) in enumerate(
+                pool.imap(_tokenize_chunk, range(source.n_chunks), chunksize=4)):
             train_file.write(train.astype(dtype).tobytes())
             val_file.write(val.astype(dtype).tobytes())
             counts["train_tokens"] += len(train)
             counts["val_tokens"] += len(val)
+            counts["train_documents"] += documents
             counts["skipped"] += skipped
             elapsed = time.perf_counter() - start
             bar.update(1)

@@ -23,11 +23,11 @@ class StepProducer:
 
     def __init__(self, lanes: list[int], plan: StreamPlan, mixture: Mixture, streamed: dict[int, TextSource],
                  indexed: dict[int, IndexedSource], data: DataConfig, tokenizer: Tokenizer,
-                 cursors: dict[int, list[tuple[int, int]]], indexed_positions: np.ndarray, num_threads: int):
+                 cursors: dict[int, dict[int, tuple[int, int]]], indexed_positions: np.ndarray, num_threads: int):
         self.lanes, self.plan, self.mixture = np.asarray(lanes, dtype=np.int64), plan, mixture
-        self.indexed = indexed
+        self.indexed, self.streamed = indexed, list(streamed)
         self.indexed_positions = np.array(indexed_positions, dtype=np.int64)  # windows taken per indexed source
-        n_sources = len(data.sources)
+        self.n_sources = len(data.sources)
         self.errors = [RecordErrors(cfg.name, data.on_bad_record) for cfg in data.sources]
         orders = {i: ChunkOrder(src.n_chunks, plan.n_lanes, plan.seed, src.name) for i, src in streamed.items()}
         self.readers = {
@@ -36,7 +36,6 @@ class StepProducer:
                    for i, src in streamed.items()}
             for lane in lanes
         }
-        self.n_sources = n_sources
 
     def produce(self, step: int) -> dict:
         """This producer's windows of global batch `step`, one per active lane, in lane order."""
@@ -64,12 +63,9 @@ class StepProducer:
             "lanes": lanes,
             "tokens": tokens,
             "cursors": {int(lane): {i: r.cursor for i, r in self.readers[lane].items()} for lane in lanes},
-            "epochs": {i: max(readers[i].epoch for readers in self.readers.values()) for i in self._streamed()},
+            "epochs": {i: max(readers[i].epoch for readers in self.readers.values()) for i in self.streamed},
             "skipped": skipped,
         }
-
-    def _streamed(self) -> list[int]:
-        return list(next(iter(self.readers.values()), {}))
 
 
 class StepPieces(IterableDataset):

@@ -57,31 +57,14 @@ def even_bounds(total: int, parts: int) -> list[int]:
     return [total * i // parts for i in range(parts + 1)]
 
 
-class Source:
-    """One entry of data.sources: a name, a chunk table and a fingerprint of its content."""
+class TextSource:
+    """A raw source (files or a built-in corpus): a name, a chunk table, a fingerprint of its
+    content, and its documents read and tokenized on demand."""
 
     name: str
     n_chunks: int
     fingerprint: str
     total_bytes: int
-
-    def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1,
-                     part: int = 0, parts: int = 1) -> np.ndarray:
-        """Token ids of the chunk's training documents in order, each followed by EOS (int32);
-        with `parts` > 1 only documents part, part + parts, part + 2 * parts, ..."""
-        raise NotImplementedError
-
-    def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
-        """Token ids of the first held-out documents (EOS after each), at least `max_tokens` if
-        the split has that many."""
-        raise NotImplementedError
-
-    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
-        """Raise if the source's tokens were made with another tokenizer (prepared shards)."""
-
-
-class TextSource(Source):
-    """A source read as text and tokenized on the fly."""
 
     def __init__(self, cfg: SourceConfig, val_fraction: float, on_bad_record: str):
         self.cfg, self.name = cfg, cfg.name
@@ -100,6 +83,8 @@ class TextSource(Source):
 
     def train_tokens(self, chunk: int, tokenizer: Tokenizer, errors: RecordErrors, num_threads: int = -1,
                      part: int = 0, parts: int = 1) -> np.ndarray:
+        """Token ids of the chunk's training documents in order, each followed by EOS (int32);
+        with `parts` > 1 only documents part, part + parts, part + 2 * parts, ..."""
         if part:  # every part reads the whole chunk; part 0 counts its skipped records
             errors = RecordErrors(errors.source_name, errors.policy)
         docs = [d for d in self.documents(chunk, errors) if not is_validation(d, self.val_fraction)]
@@ -111,6 +96,8 @@ class TextSource(Source):
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
     def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
+        """Token ids of the first held-out documents (EOS after each), at least `max_tokens` if
+        the split has that many."""
         parts, count = [], 0
         errors = RecordErrors(self.name, self.on_bad_record)
         for chunk in range(self.n_chunks):

@@ -20,7 +20,7 @@ import hashlib
 
 import numpy as np
 
-from pretrain.data.sources import RecordErrors, Source
+from pretrain.data.sources import RecordErrors, TextSource
 from pretrain.errors import PretrainError
 from tokenizer import Tokenizer
 
@@ -165,7 +165,7 @@ class LaneSource:
     that overlap by one token (the last label of a window is the first input of the next), so
     every token is an input once and a label once: none dropped, none repeated."""
 
-    def __init__(self, source: Source, order: ChunkOrder, lane: int, n_lanes: int, seq_len: int,
+    def __init__(self, source: TextSource, order: ChunkOrder, lane: int, n_lanes: int, seq_len: int,
                  tokenizer: Tokenizer, errors: RecordErrors, max_epochs: int | None,
                  cursor: tuple[int, int] = (0, 0), num_threads: int = -1):
         self.source, self.order, self.lane, self.n_lanes = source, order, lane, n_lanes
