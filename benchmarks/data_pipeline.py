@@ -3,7 +3,9 @@ baseline a user would write otherwise, back to back in one process:
 
   baseline   Hugging Face `datasets`: load_dataset("text", sample_by="paragraph")
              .map(tokenize, batched=True), then concatenate-and-chunk (the run_clm.py recipe)
-  streaming  pretrain's TrainData tokenizing on the fly (data.num_workers background workers)
+  streaming  pretrain's TrainData tokenizing on the fly: chunk by chunk in lanes run by
+             data.num_workers background workers (how sources above data.in_memory_max_bytes
+             are read), and tokenized whole at start (the default for a source this size)
   shards     pretrain's TrainData reading what `pretrain data prepare` wrote
 
 Throughput is tokens per CPU-second (this process and its children), i.e. per core, so a
@@ -28,6 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+BASELINE = "baseline: HF datasets map + concat-and-chunk"
+STREAMING = "pretrain streaming: lanes in {} worker(s)"
+SHARDS = "pretrain prepared shards (in process)"
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -151,28 +156,33 @@ def main() -> int:
             return load_config(None, [f"--{k}={'null' if v is None else v}" for k, v in values.items()], world_size=1)
 
         tokenizer = load_or_train_tokenizer(config())
-        # One pass over the corpus: as many global batches as the stream holds.
-        total_tokens = len(tokenizer.encode_documents([corpus.read_text(encoding="utf-8")]))
-        steps = total_tokens // (batch * args.seq_len) - 1
-
+        shards_cfg = config(**{"data.prepared_dir": str(out / "prepared"), "data.num_workers": 0})
         rows = {}
         with Measure() as m:
-            tokens = run_baseline(corpus, tokenizer.path, args.seq_len, out / "hf-cache")
-        rows["baseline: HF datasets map + concat-and-chunk"] = (tokens, m.wall, m.cpu)
-        with Measure() as m:
-            tokens = run_ours(config(**{"train.max_steps": steps}), tokenizer)
-        rows[f"pretrain streaming ({args.workers} worker)"] = (tokens, m.wall, m.cpu)
-        shards_cfg = config(**{"train.max_steps": steps, "data.prepared_dir": str(out / "prepared"),
-                               "data.num_workers": 0})
-        with Measure() as m:
             manifest = prepare(shards_cfg, tokenizer, workers=2, progress=False)[0]
-        rows["pretrain data prepare (one-off, 2 processes)"] = (manifest["train_tokens"], m.wall, m.cpu)
+        prepare_row = (manifest["train_tokens"], m.wall, m.cpu)
+        # One pass over the corpus: as many global batches as it holds.
+        steps = {"train.max_steps": manifest["train_tokens"] // (batch * args.seq_len)}
         with Measure() as m:
-            tokens = run_ours(shards_cfg, tokenizer)
-        rows["pretrain prepared shards (in process)"] = (tokens, m.wall, m.cpu)
+            tokens = run_baseline(corpus, tokenizer.path, args.seq_len, out / "hf-cache")
+        rows[BASELINE] = (tokens, m.wall, m.cpu)
+        # A source above data.in_memory_max_bytes: read chunk by chunk by lanes in the workers.
+        streamed = config(**steps, **{"data.in_memory_max_bytes": 0, "data.lanes": batch,
+                                      "data.chunk_bytes": 1 << 18})
+        with Measure() as m:
+            tokens = run_ours(streamed, tokenizer)
+        rows[STREAMING.format(args.workers)] = (tokens, m.wall, m.cpu)
+        with Measure() as m:  # the default for a source up to 64 MiB: tokenized whole at start
+            tokens = run_ours(config(**steps), tokenizer)
+        rows["pretrain tokenized in memory at start (in process)"] = (tokens, m.wall, m.cpu)
+        rows["pretrain data prepare (one-off, 2 processes)"] = prepare_row
+        with Measure() as m:
+            tokens = run_ours(config(**steps, **{"data.prepared_dir": str(out / "prepared"), "data.num_workers": 0}),
+                              tokenizer)
+        rows[SHARDS] = (tokens, m.wall, m.cpu)
         demo = demo_model_tokens_per_s(str(out))
 
-    baseline = rows["baseline: HF datasets map + concat-and-chunk"]
+    baseline = rows[BASELINE]
     base_rate = baseline[0] / baseline[2]
     print(f"\ncorpus {args.corpus.name} repeated to {size_mb:.0f} MB, seq_len {args.seq_len}, vocab {args.vocab}; "
           "per-core = tokens per CPU-second of the process and its workers")
@@ -181,8 +191,8 @@ def main() -> int:
     for name, (tokens, wall, cpu) in rows.items():
         print(f"| {name} | {tokens:,} | {wall:.1f} | {cpu:.1f} | {tokens / wall:,.0f} | {tokens / cpu:,.0f} | "
               f"{tokens / cpu / base_rate:.2f}x |")
-    streaming = rows[f"pretrain streaming ({args.workers} worker)"]
-    shards = rows["pretrain prepared shards (in process)"]
+    streaming = rows[STREAMING.format(args.workers)]
+    shards = rows[SHARDS]
     print(f"\ndemo model trains at {demo:,.0f} tok/s here: prepared shards feed it "
           f"{shards[0] / shards[1] / demo:,.0f}x faster, streaming {streaming[0] / streaming[1] / demo:,.0f}x")
     print(f"streaming_vs_baseline={streaming[0] / streaming[2] / base_rate:.2f} "

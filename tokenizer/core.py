@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import re
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +28,7 @@ class Tokenizer:
         self._sp = processor
         self.path = path
         self.sha256 = hashlib.sha256(processor.serialized_model_proto()).hexdigest()
-        self._word_ids: dict[str, list[int]] = {}
+        self._word_ids: dict[str, bytes] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -73,18 +72,19 @@ class Tokenizer:
         for text in texts:
             words += _WORD.findall(text)
             words.append("")  # the regex never yields "": it stands for the EOS after each text
-        cache = self._word_ids
+        cache = self._word_ids  # word -> its ids as int32 bytes, so a text is one bytes join
         if len(cache) > _CACHE_MAX_WORDS:  # bounded memory; refilled from the next texts
             cache.clear()
-        cache[""] = [self.eos_id]
+        cache[""] = np.array([self.eos_id], dtype=np.int32).tobytes()
         missing = list(set(words).difference(cache))
         if missing:
-            cache.update(zip(missing, self._sp.encode(missing, num_threads=num_threads)))
-        ids = list(itertools.chain.from_iterable(map(cache.__getitem__, words)))
+            encoded = self._sp.encode(missing, num_threads=num_threads)
+            cache.update((w, np.array(ids, dtype=np.int32).tobytes()) for w, ids in zip(missing, encoded))
+        ids = np.frombuffer(b"".join(map(cache.__getitem__, words)), dtype=np.int32).copy()
         for word in missing:  # long words (URLs, hashes, base64) rarely come back: do not keep them
             if len(word) > _CACHE_MAX_WORD_CHARS:
                 del cache[word]
-        return np.array(ids, dtype=np.int32)
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))
