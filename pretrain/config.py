@@ -57,11 +57,11 @@ class DataConfig:
     num_workers: int | None = option(None, "background processes that read, tokenize and pack (0 = in the training "
                                            "process; default: 2 when training on a GPU, 0 on a CPU)")
     prefetch: int = option(2, "global batches each worker prepares ahead of the trainer")
-    lanes: int | None = option(None, "parallel readers the stream is dealt to; a multiple of the global batch in "
+    lanes: int | None = option(None, "parallel readers of streamed sources; a multiple of the global batch in "
                                      "sequences, so a document's consecutive windows land lanes / batch steps "
                                      "apart (default: the smallest such multiple >= 256)")
-    chunk_bytes: int = option(1 << 20, "sources are split into chunks of about this size, the unit each reader "
-                                       "takes and a resume re-reads (smaller for small sources)")
+    chunk_bytes: int = option(1 << 20, "streamed sources are split into chunks of about this size, the unit a lane "
+                                       "reads and a resume re-reads")
     in_memory_max_bytes: int = option(64 << 20, "raw sources up to this size are tokenized whole when training "
                                                 "starts and read like prepared shards (shuffled across the source); "
                                                 "larger ones are streamed chunk by chunk (0 = stream every source)")
