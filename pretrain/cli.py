@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = data.add_parser(
         "prepare", help="tokenize the config's sources into memory-mapped token shards",
         description="Tokenize every source of data.sources once into data.prepared_dir/<source name>/ "
-                    "(token ids + chunk index + manifest, written atomically). Training with the same "
-                    "data.prepared_dir then reads the shards instead of tokenizing, and yields exactly "
-                    "the same batches. The tokenizer is trained first if missing.",
+                    "(token ids, held-out token ids and a manifest, written atomically). Training with the "
+                    "same data.prepared_dir reads windows of the shards at random across each source "
+                    "instead of tokenizing (for a source up to data.in_memory_max_bytes: exactly the "
+                    "batches its text gives). The tokenizer is trained first if missing.",
     )
     prepare.add_argument("config", help="YAML config file")
     prepare.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)

@@ -33,6 +33,12 @@ def stable_hash(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
+def used_up(name: str, epoch: int, max_epochs: int) -> PretrainError:
+    return PretrainError(f"data source {name!r} is used up: the mixture needs epoch {epoch + 1} of it but its "
+                         f"max_epochs={max_epochs}; raise max_epochs in its data.sources entry, lower its weight, "
+                         "or add data (then resume from the last checkpoint)")
+
+
 class Mixture:
     """Which source fills each position of the global stream.
 
@@ -98,10 +104,7 @@ class IndexedSource:
         """Window q of the source's shuffled stream."""
         epoch = self.epoch_of(q)
         if self.max_epochs is not None and epoch >= self.max_epochs:
-            raise PretrainError(
-                f"data source {self.name!r} is used up: the mixture needs epoch {epoch + 1} of it but its "
-                f"max_epochs={self.max_epochs}; raise max_epochs in its data.sources entry, lower its weight, "
-                "or add data (then resume from the last checkpoint)")
+            raise used_up(self.name, epoch, self.max_epochs)
         first, n = self.epoch_start(epoch), self.epoch_start(epoch + 1) - self.epoch_start(epoch)
         if epoch not in self._orders:
             self._orders = {epoch: Permutation(n, self.seed, self.name, epoch)}
@@ -198,10 +201,7 @@ class LaneSource:
             item = self.next_item
             epoch, chunk, part = self.order(self.lane + item * self.n_lanes)
             if self.max_epochs is not None and epoch >= self.max_epochs:
-                raise PretrainError(
-                    f"data source {self.source.name!r} is used up: the mixture needs epoch {epoch + 1} of it but "
-                    f"its max_epochs={self.max_epochs}; raise max_epochs in its data.sources entry, lower "
-                    "its weight, or add data (then resume from the last checkpoint)")
+                raise used_up(self.source.name, epoch, self.max_epochs)
             self.epoch = max(self.epoch, epoch)
             tokens = self.source.train_tokens(chunk, self.tokenizer, self.errors, self.num_threads,
                                               part, self.order.parts)
