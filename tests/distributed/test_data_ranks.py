@@ -9,7 +9,7 @@ import pytest
 
 from pretrain.data import TrainData
 from tests.distributed.ranks import run_ranks
-from tests.unit.test_data_stream import rows_of, take
+from tests.unit.test_data_stream import MODES, rows_of, take
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,9 @@ def consume(rank: int, world_size: int, cfg, tokenizer, out_dir) -> None:
     (out_dir / f"rank{rank}.json").write_text(json.dumps({"rows": rows, "state": state, "metrics": metrics}))
 
 
-def test_two_ranks_take_their_slices_and_gather_the_single_process_state(mixed_config, tokenizer, tmp_path):
-    cfg = mixed_config(data__num_workers=1)
+@MODES
+def test_two_ranks_take_their_slices_and_gather_the_single_process_state(mixed_config, tokenizer, tmp_path, mode):
+    cfg = mixed_config(data__num_workers=1, **mode)
     run_ranks(consume, 2, cfg, tokenizer, tmp_path)
     single = TrainData(cfg, tokenizer)
     expected_rows = [rows_of(single.next_step()) for _ in range(4)]
