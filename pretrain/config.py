@@ -27,11 +27,21 @@ from pretrain.errors import ConfigError
 from pretrain.models.args import ModelArgs
 
 BUILTIN_SOURCES = ("python-docs",)
-TEXT_SUFFIXES = (".txt",)
-JSON_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet",)
-COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+FILE_KINDS = {"txt": (".txt",), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}  # parquet compresses inside the file
+SUPPORTED_FILES = ".txt, .jsonl or .json (each also as .gz or .zst) or .parquet"
 PREPARED_MANIFEST = "manifest.json"
+
+
+def data_file_kind(path: str) -> tuple[str, str | None] | None:
+    """("txt" | "jsonl" | "parquet", "gzip" | "zstd" | None) of a data file from its name, or
+    None for a file type we cannot read."""
+    compression = next((c for suffix, c in COMPRESSIONS.items() if path.endswith(suffix)), None)
+    base = path.rsplit(".", 1)[0] if compression else path
+    for kind, suffixes in FILE_KINDS.items():
+        if base.endswith(suffixes) and not (kind == "parquet" and compression):
+            return kind, compression
+    return None
 
 
 @dataclass(frozen=True)
@@ -310,11 +320,9 @@ def _check_source_path(path: str, key: str) -> list[str]:
         return []
     if not path:
         return [f"{key} is empty; give a file, a glob or one of {', '.join(BUILTIN_SOURCES)}"]
-    base = next((path[: -len(c)] for c in COMPRESSED_SUFFIXES if path.endswith(c)), path)
-    supported = TEXT_SUFFIXES + JSON_SUFFIXES
-    if not (base.endswith(supported) or path.endswith(PARQUET_SUFFIXES)):
-        return [f"{key}={path!r} has an unsupported file type; use {', '.join(supported + PARQUET_SUFFIXES)} "
-                f"files, the first two also compressed as .gz or .zst (or a glob such as 'dir/*.jsonl')"]
+    if data_file_kind(path) is None:
+        return [f"{key}={path!r} has an unsupported file type; use {SUPPORTED_FILES} files "
+                "(or a glob such as 'dir/*.jsonl')"]
     if "://" in path:
         return []
     if not any(os.path.isfile(p) for p in glob.glob(os.path.expanduser(path))):

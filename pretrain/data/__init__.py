@@ -1,4 +1,4 @@
-"""The data pipeline: sources -> chunks -> lanes or indexed windows -> the global stream -> each rank's micro-batches."""
+"""The data pipeline: sources -> lanes or indexed windows -> one global stream -> each rank's micro-batches."""
 
 from pretrain.data.heldout import IGNORE_INDEX, validation_batches
 from pretrain.data.loader import TrainData, open_sources

@@ -12,20 +12,11 @@ from typing import BinaryIO
 
 from pretrain.errors import PretrainError
 
-COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 _GLOB_CHARS = set("*?[")
 
 
 def is_url(path: str) -> bool:
     return "://" in path
-
-
-def split_compression(path: str) -> tuple[str, str | None]:
-    """(path without a compression suffix, "gzip" | "zstd" | None)."""
-    for suffix, kind in COMPRESSIONS.items():
-        if path.endswith(suffix):
-            return path[: -len(suffix)], kind
-    return path, None
 
 
 def expand(pattern: str) -> list[str]:

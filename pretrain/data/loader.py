@@ -84,7 +84,9 @@ class TrainData:
         self.cursors = {lane: {i: (0, 0) for i in self.streamed} for lane in range(self.plan.n_lanes)}
         self.step = 0  # global batches consumed
         self.positions_by_source = np.zeros(len(self.sources), dtype=np.int64)  # since step 0, for mix shares
-        self.indexed_positions = np.zeros(len(self.sources), dtype=np.int64)  # windows taken of each indexed source
+        # An indexed source's window q is its (positions_by_source - window_base)-th: the base moves
+        # only when a changed source starts again from its beginning (data.allow_changed_data).
+        self.window_base = np.zeros(len(self.sources), dtype=np.int64)
         self.epochs = [0] * len(self.sources)
         self._pieces: Iterator[dict] | None = None
 
@@ -129,14 +131,16 @@ class TrainData:
         counts = np.bincount(self.mixture.sources_of(self.step * plan.global_batch + np.arange(plan.global_batch)),
                              minlength=len(self.sources))
         self.positions_by_source += counts
-        self.indexed_positions += counts
-        self._note_epochs({i: s.epoch_of(max(int(self.indexed_positions[i]) - 1, 0)) for i, s in self.indexed.items()})
+        windows_taken = self.positions_by_source - self.window_base
+        self._note_epochs({i: s.epoch_of(max(int(windows_taken[i]) - 1, 0)) for i, s in self.indexed.items()})
         self.step += 1
         batches = []
         for start in range(0, len(tokens), self.micro_batch_size):
             window = tokens[start : start + self.micro_batch_size]
             inputs, labels = window[:, :-1], window[:, 1:]
-            doc_ids = torch.from_numpy(document_ids(inputs, self.tokenizer.eos_id)) if self.data.document_masking else None
+            doc_ids = None
+            if self.data.document_masking:
+                doc_ids = torch.from_numpy(document_ids(inputs, self.tokenizer.eos_id))
             batches.append((torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(labels.copy()), doc_ids))
         return batches
 
@@ -146,7 +150,7 @@ class TrainData:
         worker_lanes = [self.my_lanes[w::n_workers] for w in range(n_workers)] or [self.my_lanes]
         self._n_workers = len(worker_lanes)
         producer_args = (self.plan, self.mixture, self.streamed, self.indexed, self.data, self.tokenizer,
-                         self.cursors, self.indexed_positions.copy())
+                         self.cursors, self.positions_by_source - self.window_base)
         loader = DataLoader(StepPieces(worker_lanes, self.step, producer_args), batch_size=None,
                             num_workers=n_workers, collate_fn=_identity,
                             prefetch_factor=self.data.prefetch if n_workers else None)
@@ -181,7 +185,7 @@ class TrainData:
             "step": self.step,
             "sources": list(self.names),
             "positions_by_source": self.positions_by_source.tolist(),
-            "indexed_positions": self.indexed_positions.tolist(),
+            "window_base": self.window_base.tolist(),
             # cursors[lane][source] = [item, token offset], for streamed sources (None for indexed ones)
             "cursors": [[list(cursors[lane][i]) if i in self.streamed else None for i in range(len(self.names))]
                         for lane in range(self.plan.n_lanes)],
@@ -217,9 +221,10 @@ class TrainData:
             self.skipped[i] = state["skipped"][j]
             before, now = saved["sources"][name], self.fingerprint["sources"][name]
             if not (reusable and before["content"] == now["content"] and before["mode"] == now["mode"]):
-                continue  # changed source: it starts again from its beginning
+                self.window_base[i] = self.positions_by_source[i]  # changed: it starts again from its beginning
+                continue
             self.epochs[i] = state["epochs"][j]
-            self.indexed_positions[i] = state["indexed_positions"][j]
+            self.window_base[i] = state["window_base"][j]
             if i in self.streamed:
                 for lane in range(self.plan.n_lanes):
                     self.cursors[lane][i] = tuple(state["cursors"][lane][j])

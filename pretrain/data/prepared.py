@@ -146,8 +146,9 @@ def prepare_source(source: TextSource, cfg: SourceConfig, data: DataConfig, toke
             bar.set_postfix_str(f"{counts['train_tokens'] / elapsed:,.0f} tok/s")
             if not progress and (chunk + 1) % max(1, source.n_chunks // 10) == 0:  # plain lines for logs
                 eta = elapsed / (chunk + 1) * (source.n_chunks - chunk - 1)
+                tokens = counts["train_tokens"]
                 log.info("prepare %s: %d/%d chunks, %s tokens, %s tok/s, ETA %.0fs", source.name, chunk + 1,
-                         source.n_chunks, f"{counts['train_tokens']:,}", f"{counts['train_tokens'] / elapsed:,.0f}", eta)
+                         source.n_chunks, f"{tokens:,}", f"{tokens / elapsed:,.0f}", eta)
         for f in (train_file, val_file):
             f.flush()
             os.fsync(f.fileno())

@@ -23,10 +23,10 @@ class StepProducer:
 
     def __init__(self, lanes: list[int], plan: StreamPlan, mixture: Mixture, streamed: dict[int, TextSource],
                  indexed: dict[int, IndexedSource], data: DataConfig, tokenizer: Tokenizer,
-                 cursors: dict[int, dict[int, tuple[int, int]]], indexed_positions: np.ndarray, num_threads: int):
+                 cursors: dict[int, dict[int, tuple[int, int]]], windows_taken: np.ndarray, num_threads: int):
         self.lanes, self.plan, self.mixture = np.asarray(lanes, dtype=np.int64), plan, mixture
         self.indexed, self.streamed = indexed, list(streamed)
-        self.indexed_positions = np.array(indexed_positions, dtype=np.int64)  # windows taken per indexed source
+        self.windows_taken = np.array(windows_taken, dtype=np.int64)  # of each indexed source, before this step
         self.n_sources = len(data.sources)
         self.errors = [RecordErrors(cfg.name, data.on_bad_record) for cfg in data.sources]
         orders = {i: ChunkOrder(src.n_chunks, plan.n_lanes, plan.seed, src.name) for i, src in streamed.items()}
@@ -44,7 +44,7 @@ class StepProducer:
         window_numbers = np.zeros(plan.global_batch, dtype=np.int64)
         for i in self.indexed:
             chosen = sources == i
-            window_numbers[chosen] = self.indexed_positions[i] + np.arange(chosen.sum())
+            window_numbers[chosen] = self.windows_taken[i] + np.arange(chosen.sum())
         lanes = self.lanes[plan.active(self.lanes, step)]
         tokens = np.empty((len(lanes), plan.seq_len + 1), dtype=np.int32)
         for row, lane in enumerate(lanes):
@@ -54,7 +54,7 @@ class StepProducer:
                 tokens[row] = self.indexed[source].window(int(window_numbers[position]))
             else:
                 tokens[row] = self.readers[lane][source].window()
-        self.indexed_positions += np.bincount(sources, minlength=self.n_sources)
+        self.windows_taken += np.bincount(sources, minlength=self.n_sources)
         skipped = [e.skipped for e in self.errors]
         for e in self.errors:
             e.skipped = 0

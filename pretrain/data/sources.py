@@ -11,13 +11,13 @@ import hashlib
 import json
 import math
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from pretrain.config import SourceConfig
+from pretrain.config import SUPPORTED_FILES, SourceConfig, data_file_kind
 from pretrain.data.builtin import python_docs_documents
-from pretrain.data.files import expand, file_size, line_number, open_binary, open_decompressed, split_compression
+from pretrain.data.files import expand, file_size, line_number, open_binary, open_decompressed
 from pretrain.errors import PretrainError
 from tokenizer import Tokenizer
 
@@ -35,11 +35,12 @@ class RecordErrors:
         self.source_name, self.policy = source_name, policy
         self.skipped = 0
 
-    def report(self, where: str, problem: str) -> None:
+    def report(self, where: Callable[[], str], problem: str) -> None:
+        """`where` is only called for the error message: finding a line number re-reads the file."""
         if self.policy == "skip":
             self.skipped += 1
             return
-        raise PretrainError(f"data source {self.source_name!r}: {where}: {problem}; fix or remove the "
+        raise PretrainError(f"data source {self.source_name!r}: {where()}: {problem}; fix or remove the "
                             "record, or set data.on_bad_record=skip to skip such records (they are counted "
                             "in metrics.jsonl as bad_records)")
 
@@ -87,8 +88,8 @@ class TextSource:
         with `parts` > 1 only documents part, part + parts, part + 2 * parts, ..."""
         if part:  # every part reads the whole chunk; part 0 counts its skipped records
             errors = RecordErrors(errors.source_name, errors.policy)
-        docs = [d for d in self.documents(chunk, errors) if not is_validation(d, self.val_fraction)]
-        return tokenizer.encode_documents(docs[part::parts], num_threads=num_threads)
+        train, _ = self.split_documents(chunk, errors)
+        return tokenizer.encode_documents(train[part::parts], num_threads=num_threads)
 
     def all_train_tokens(self, tokenizer: Tokenizer, errors: RecordErrors) -> np.ndarray:
         """The training tokens of every chunk in order: the whole source, as prepared shards hold it."""
@@ -101,7 +102,7 @@ class TextSource:
         parts, count = [], 0
         errors = RecordErrors(self.name, self.on_bad_record)
         for chunk in range(self.n_chunks):
-            docs = [d for d in self.documents(chunk, errors) if is_validation(d, self.val_fraction)]
+            _, docs = self.split_documents(chunk, errors)
             if docs:
                 parts.append(tokenizer.encode_documents(docs))
                 count += len(parts[-1])
@@ -118,11 +119,10 @@ class BuiltinSource(TextSource):
         self.docs = tuple(BUILTIN[cfg.path]())
         lengths = [len(d) for d in self.docs]
         self.total_bytes = sum(lengths)
-        target = chunk_bytes
         bounds, size = [0], 0
         for i, n in enumerate(lengths):
             size += n
-            if size >= target:
+            if size >= chunk_bytes:
                 bounds.append(i + 1)
                 size = 0
         if bounds[-1] != len(lengths):
@@ -156,15 +156,14 @@ class FileSource(TextSource):
             if kind == "parquet":
                 byte_sizes[i] = self._read_parquet_metadata(i)
         self.total_bytes = sum(byte_sizes)
-        target = chunk_bytes
         rows = []
         for i, ((kind, compression), size) in enumerate(zip(self.formats, byte_sizes)):
             if compression:
-                parts = max(1, min(MAX_COMPRESSED_PARTS, math.ceil(size * COMPRESSION_RATIO_GUESS / target)))
+                parts = max(1, min(MAX_COMPRESSED_PARTS, math.ceil(size * COMPRESSION_RATIO_GUESS / chunk_bytes)))
                 rows += [(i, part, parts) for part in range(parts)]
             else:
                 total = self._parquet_rows[i][-1] if kind == "parquet" else size
-                parts = max(1, min(math.ceil(size / target), total))
+                parts = max(1, min(math.ceil(size / chunk_bytes), total))
                 bounds = even_bounds(total, parts)
                 rows += [(i, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         self.chunks = np.array(rows, dtype=np.int64).reshape(-1, 3)
@@ -172,7 +171,7 @@ class FileSource(TextSource):
         root = os.path.commonpath([os.path.dirname(f) for f in self.files]) if len(self.files) > 1 else \
             os.path.dirname(self.files[0])
         listing = [[os.path.relpath(f, root) if root else f, s] for f, s in zip(self.files, self.sizes)]
-        identity = {"text_field": cfg.text_field, "target": target, "files": listing}
+        identity = {"text_field": cfg.text_field, "target": chunk_bytes, "files": listing}
         self.fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
     def _read_parquet_metadata(self, i: int) -> int:
@@ -206,7 +205,7 @@ class FileSource(TextSource):
         path = self.files[file]
         kind, compression = self.formats[file]
         if kind == "parquet":
-            yield from self._parquet_documents(file, a, b, errors)
+            yield from self._parquet_documents(file, a, b)
             return
         if compression:
             records = self._compressed_records(path, kind, compression, part=a, parts=b, errors=errors)
@@ -231,15 +230,18 @@ class FileSource(TextSource):
         except (OSError, EOFError, ValueError) as exc:  # gzip/zstd errors of a truncated or corrupt file
             if part and errors.policy == "skip":
                 return  # every part meets the damage; part 0 counts it once
-            errors.report(path, f"corrupt or truncated {compression} data after byte {offset} of its content "
-                          f"({exc}); the rest of the file is unreadable")
+            errors.report(lambda: path, f"corrupt or truncated {compression} data after byte {offset} of its "
+                          f"content ({exc}); the rest of the file is unreadable")
 
     def _decode(self, raw: bytes, kind: str, path: str, offset: int, compression: str | None,
                 errors: RecordErrors) -> str | None:
+        def where() -> str:
+            return f"{path} line {line_number(path, offset, compression)}"
+
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            errors.report(self._where(path, offset, compression), f"bytes that are not UTF-8 at position "
+            errors.report(where, f"bytes that are not UTF-8 at position "
                           f"{exc.start} of the record; convert the file to UTF-8")
             return None
         if kind == "txt":
@@ -249,26 +251,26 @@ class FileSource(TextSource):
         try:
             record = json.loads(text)
         except ValueError as exc:
-            errors.report(self._where(path, offset, compression), f"not valid JSON ({exc})")
+            errors.report(where, f"not valid JSON ({exc})")
             return None
-        return self._text_field(record, self._where_lazy(path, offset, compression), errors)
+        return self._text_field(record, where, errors)
 
-    def _text_field(self, record: object, where, errors: RecordErrors) -> str | None:
+    def _text_field(self, record: object, where: Callable[[], str], errors: RecordErrors) -> str | None:
         field = self.cfg.text_field
         if not isinstance(record, dict):
-            errors.report(where(), f"a JSON {type(record).__name__}, not an object with a {field!r} field")
+            errors.report(where, f"a JSON {type(record).__name__}, not an object with a {field!r} field")
             return None
         if field not in record:
-            errors.report(where(), f"no field {field!r} (fields: {', '.join(record)}); set text_field in its "
+            errors.report(where, f"no field {field!r} (fields: {', '.join(record)}); set text_field in its "
                           "data.sources entry")
             return None
         text = record[field]
         if text is None or isinstance(text, str):
             return text
-        errors.report(where(), f"field {field!r} is a {type(text).__name__}, not text")
+        errors.report(where, f"field {field!r} is a {type(text).__name__}, not text")
         return None
 
-    def _parquet_documents(self, file: int, a: int, b: int, errors: RecordErrors) -> Iterator[str]:
+    def _parquet_documents(self, file: int, a: int, b: int) -> Iterator[str]:
         import pyarrow.parquet as pq
 
         starts = self._parquet_rows[file]
@@ -283,21 +285,13 @@ class FileSource(TextSource):
                     if text and text.strip():
                         yield text
 
-    def _where(self, path: str, offset: int, compression: str | None) -> str:
-        return f"{path} line {line_number(path, offset, compression)}"
-
-    def _where_lazy(self, path: str, offset: int, compression: str | None):
-        return lambda: self._where(path, offset, compression)
-
 
 def file_format(path: str, source_name: str) -> tuple[str, str | None]:
     """("txt" | "jsonl" | "parquet", compression) of a data file, from its name."""
-    base, compression = split_compression(path)
-    for kind, suffixes in (("txt", (".txt",)), ("jsonl", (".jsonl", ".json")), ("parquet", (".parquet",))):
-        if base.endswith(suffixes) and not (kind == "parquet" and compression):
-            return kind, compression
-    raise PretrainError(f"data source {source_name!r}: unsupported file type {path!r}; use .txt, .jsonl, "
-                        ".json (optionally .gz or .zst) or .parquet files")
+    kind = data_file_kind(path)
+    if kind is None:
+        raise PretrainError(f"data source {source_name!r}: unsupported file type {path!r}; use {SUPPORTED_FILES} files")
+    return kind
 
 
 def _records_in_range(path: str, kind: str, start: int, end: int) -> Iterator[tuple[int, bytes]]:
