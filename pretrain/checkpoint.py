@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from pretrain.atomic_dir import publish, temporary_path, temporary_sibling
 from pretrain.errors import PretrainError
 
 log = logging.getLogger(__name__)
@@ -65,10 +64,7 @@ class CheckpointManager:
         rename it into place: a reader sees the whole checkpoint or none of it."""
         start = time.perf_counter()
         final = checkpoint_dir(self.root, step)
-        tmp = final.with_name(".tmp_" + final.name)  # never matched by complete_checkpoints()
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        tmp = temporary_sibling(final) if self.is_main else temporary_path(final)
         _barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
         with _quiet_single_process():
@@ -81,11 +77,7 @@ class CheckpointManager:
             manifest = {"format_version": FORMAT_VERSION, "step": step, "tokens_seen": state.get("tokens_seen"),
                         "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            _fsync_tree(tmp)
-            if final.exists():  # a re-run of the same step: replace the old copy
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            publish(tmp, final)  # a re-run of the same step replaces the old copy
         _barrier()
         log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - start)
         return final
@@ -134,19 +126,3 @@ def _quiet_single_process():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

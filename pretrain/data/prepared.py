@@ -18,12 +18,12 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+from pretrain.atomic_dir import publish, temporary_sibling
 from pretrain.config import PREPARED_MANIFEST, Config, DataConfig, SourceConfig
 from pretrain.data.sources import BUILTIN, BuiltinSource, FileSource, RecordErrors, TextSource
 from pretrain.errors import PretrainError
@@ -123,9 +123,7 @@ def prepare_source(source: TextSource, cfg: SourceConfig, data: DataConfig, toke
     from tqdm import tqdm
 
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp = directory.with_name(".tmp_" + directory.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temporary_sibling(directory)
     counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "skipped": 0}
     _worker = (source, tokenizer)
     start = time.perf_counter()
@@ -149,9 +147,6 @@ def prepare_source(source: TextSource, cfg: SourceConfig, data: DataConfig, toke
                 tokens = counts["train_tokens"]
                 log.info("prepare %s: %d/%d chunks, %s tokens, %s tok/s, ETA %.0fs", source.name, chunk + 1,
                          source.n_chunks, f"{tokens:,}", f"{tokens / elapsed:,.0f}", eta)
-        for f in (train_file, val_file):
-            f.flush()
-            os.fsync(f.fileno())
     _worker = None
     manifest = {
         "format": FORMAT, "version": VERSION, "source": source.name, "fingerprint": source.fingerprint,
@@ -160,15 +155,7 @@ def prepare_source(source: TextSource, cfg: SourceConfig, data: DataConfig, toke
         "chunks": source.n_chunks, **counts,
     }
     (tmp / PREPARED_MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    old = directory.with_name(".old_" + directory.name)
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    publish(tmp, directory)
     return manifest
 
 

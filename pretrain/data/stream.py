@@ -1,13 +1,16 @@
 """The global stream of packed training sequences, defined by (sources, weights, seed, global batch)
-alone, and produced in parallel by lanes.
+alone.
 
-Position p of the stream (global batch p // B, B sequences per global batch) is filled by lane
-p % K, where K, the number of lanes, is a multiple of B. A lane is an independent producer: for every
-source it walks its own share of that source's chunks (items lane, lane + K, lane + 2K, ... of
-the source's chunk order, which is a seeded permutation per epoch), tokenizes them, joins the
-documents with EOS and cuts windows of seq_len + 1 tokens. Which source fills position p is a
-pure function of p (a low-discrepancy sequence over the weights), so every global batch holds
-each source's share to within a sequence.
+Which source fills position p of the stream (global batch p // B, B sequences per global batch)
+is a pure function of p (a low-discrepancy sequence over the weights), so every global batch
+holds each source's share to within a sequence. A source gives its sequences in one of two ways:
+
+- IndexedSource (prepared shards, small sources tokenized in memory): the source's q-th window
+  is found by arithmetic, in a seeded order per epoch across the whole source.
+- LaneSource (large sources read chunk by chunk): position p belongs to lane p % K, where K, the
+  number of lanes, is a multiple of B. A lane walks its own share of the source's chunks (items
+  lane, lane + K, lane + 2K, ... of the source's chunk order, a seeded permutation per epoch),
+  tokenizes them, joins the documents with EOS and cuts windows of seq_len + 1 tokens.
 
 A rank takes the positions of the lanes it owns, so it reads only its own chunks; worker
 processes split a rank's lanes further. Neither the number of ranks nor of workers changes what
@@ -91,7 +94,7 @@ class IndexedSource:
             raise PretrainError(f"data source {name!r} has no training documents: check its files and "
                                 "data.val_fraction")
         self.name, self.tokens, self.seq_len, self.seed, self.max_epochs = name, tokens, seq_len, seed, max_epochs
-        self._orders: dict[int, Permutation] = {}
+        self._order: tuple[int, Permutation] | None = None  # the current epoch's window order
 
     def epoch_start(self, epoch: int) -> int:
         """Index of the first window of `epoch`: windows start every seq_len tokens of the repeated stream."""
@@ -106,9 +109,9 @@ class IndexedSource:
         if self.max_epochs is not None and epoch >= self.max_epochs:
             raise used_up(self.name, epoch, self.max_epochs)
         first, n = self.epoch_start(epoch), self.epoch_start(epoch + 1) - self.epoch_start(epoch)
-        if epoch not in self._orders:
-            self._orders = {epoch: Permutation(n, self.seed, self.name, epoch)}
-        start = (first + self._orders[epoch][q - first]) * self.seq_len % len(self.tokens)
+        if self._order is None or self._order[0] != epoch:
+            self._order = epoch, Permutation(n, self.seed, self.name, epoch)
+        start = (first + self._order[1][q - first]) * self.seq_len % len(self.tokens)
         end = start + self.seq_len + 1
         if end <= len(self.tokens):
             return np.asarray(self.tokens[start:end], dtype=np.int32)
@@ -187,8 +190,14 @@ class LaneSource:
         need = self.seq_len + 1
         while sum(len(t) for _, t in self.segments) - self.head < need:
             self._load_next()
-        window = np.concatenate([t for _, t in self.segments])[self.head : self.head + need] \
-            if len(self.segments) > 1 else self.segments[0][1][self.head : self.head + need]
+        pieces, start, missing = [], self.head, need  # copy only the tokens of this window
+        for _, tokens in self.segments:
+            pieces.append(tokens[start : start + missing])
+            missing -= len(pieces[-1])
+            start = 0
+            if not missing:
+                break
+        window = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         self.head += self.seq_len
         while self.segments and self.head >= len(self.segments[0][1]):
             self.head -= len(self.segments[0][1])

@@ -1,0 +1,50 @@
+"""Directories written whole or not at all (checkpoints, prepared shards): build the content in a
+temporary sibling, flush it to disk, then rename it into place. A reader never sees half of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def temporary_path(final: Path) -> Path:
+    """`.tmp_<name>` next to `final`: readers skip it, its name is not the final one."""
+    return final.with_name(".tmp_" + final.name)
+
+
+def temporary_sibling(final: Path) -> Path:
+    """An empty temporary_path(final) (a leftover of a crashed write is cleared first)."""
+    tmp = temporary_path(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Flush `tmp` to disk and rename it to `final`. An existing `final` is moved aside first and
+    deleted only once the new one is in place, so a crash leaves one whole copy."""
+    fsync_tree(tmp)
+    old = final.with_name(".old_" + final.name)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
