@@ -99,3 +99,22 @@ def mixed_config(tiny_config, corpus_file, paragraphs_file):
         return tiny_config(**values)
 
     return make
+
+
+# Read every source chunk by chunk through lanes (as many as the global batch: the test sources
+# are small), instead of tokenizing them whole (the default for small sources).
+STREAMED = {"data__in_memory_max_bytes": 0, "data__lanes": 8}
+MODES = pytest.mark.parametrize("mode", [{}, STREAMED], ids=["indexed", "streamed"])
+
+
+def rows_of(batches) -> list[tuple[int, ...]]:
+    """The sequences (inputs + final label) of one rank's micro-batches of a step, in order."""
+    return [tuple(x.tolist()) + (y[-1].item(),) for inputs, labels, _ in batches for x, y in zip(inputs, labels)]
+
+
+def take(data, steps: int) -> list[list[tuple[int, ...]]]:
+    """The rows of the next `steps` global batches of a TrainData, which is closed afterwards."""
+    try:
+        return [rows_of(data.next_step()) for _ in range(steps)]
+    finally:
+        data.close()

@@ -9,7 +9,7 @@ import pytest
 
 from pretrain.data import TrainData
 from tests.distributed.ranks import run_ranks
-from tests.unit.test_data_stream import MODES, rows_of, take
+from tests.conftest import MODES, rows_of, take
 
 pytestmark = pytest.mark.slow
 

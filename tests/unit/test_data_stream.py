@@ -15,23 +15,7 @@ from pretrain.data import TrainData, open_sources, validation_batches
 from pretrain.data.sources import RecordErrors
 from pretrain.data.stream import ChunkOrder, IndexedSource, LaneSource, Mixture, Permutation
 from pretrain.errors import PretrainError
-
-
-# read every source chunk by chunk through lanes (as many as the global batch: the test sources are small)
-STREAMED = {"data__in_memory_max_bytes": 0, "data__lanes": 8}
-MODES = pytest.mark.parametrize("mode", [{}, STREAMED], ids=["indexed", "streamed"])
-
-
-def rows_of(batches) -> list[tuple[int, ...]]:
-    """The sequences (inputs + final label) of one rank's micro-batches of a step, in order."""
-    return [tuple(x.tolist()) + (y[-1].item(),) for inputs, labels, _ in batches for x, y in zip(inputs, labels)]
-
-
-def take(data: TrainData, steps: int) -> list[list[tuple[int, ...]]]:
-    try:
-        return [rows_of(data.next_step()) for _ in range(steps)]
-    finally:
-        data.close()
+from tests.conftest import MODES, STREAMED, rows_of, take
 
 
 def merged_state(rank_datas: list[TrainData]) -> dict:

@@ -13,7 +13,7 @@ from pretrain.data import TrainData, validation_batches
 from pretrain.data.prepared import prepare
 from pretrain.errors import PretrainError
 from pretrain.config import SourceConfig
-from tests.unit.test_data_stream import take
+from tests.conftest import pydoc_documents, take
 
 
 @pytest.fixture
@@ -66,7 +66,6 @@ def test_prepare_skips_up_to_date_sources_and_checks_what_it_reads(prepared_conf
     assert tokens.stat().st_mtime_ns == written  # up to date: not rewritten
 
     from tokenizer import train_tokenizer
-    from tests.conftest import pydoc_documents
 
     other = train_tokenizer(pydoc_documents(40), 400, tmp_path / "other.model")
     with pytest.raises(PretrainError, match=r"tokenized with another tokenizer .* re-run `pretrain data prepare"):
