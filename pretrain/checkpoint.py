@@ -1,26 +1,23 @@
 """Checkpoints: out_dir/checkpoints/step_{step:08d}/, written whole or not at all.
 
-Model and optimizer go through torch.distributed.checkpoint (DCP), so sharded backends save
-their shards in parallel and a checkpoint can be loaded at another world size; the small
-training state (step, tokens, schedule, data cursor, RNG) goes into trainer_state.pt."""
+Model and optimizer are written by the parallel engine: through torch.distributed.checkpoint
+(DCP) for none/ddp/fsdp, so every rank saves its shards in parallel and a checkpoint loads at
+another world size; in DeepSpeed's own format for deepspeed. The small training state (step,
+tokens, schedule, data cursor, RNG) goes into trainer_state.pt."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from pretrain.atomic_dir import publish, temporary_path, temporary_sibling
 from pretrain.errors import PretrainError
+from pretrain.parallel import Engine
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +55,28 @@ class CheckpointManager:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-             config_yaml: str) -> Path:
+    def save(self, step: int, engine: Engine, state: dict, config_yaml: str) -> Path:
         """Write a checkpoint for `step` into a temporary directory, flush it to disk, then
         rename it into place: a reader sees the whole checkpoint or none of it."""
         start = time.perf_counter()
         final = checkpoint_dir(self.root, step)
         tmp = temporary_sibling(final) if self.is_main else temporary_path(final)
         _barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        with _quiet_single_process():
-            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+        engine.save(tmp)
         _barrier()
         if self.is_main:
             torch.save(state, tmp / TRAINER_STATE)
             (tmp / "config.yaml").write_text(config_yaml)
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             manifest = {"format_version": FORMAT_VERSION, "step": step, "tokens_seen": state.get("tokens_seen"),
-                        "files": files}
+                        "engine": engine.checkpoint_format, "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             publish(tmp, final)  # a re-run of the same step replaces the old copy
         _barrier()
         log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - start)
         return final
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    def load(self, path: Path, engine: Engine) -> dict:
         """Restore model and optimizer in place from `path`; return the training state dict."""
         try:
             manifest = json.loads((path / MANIFEST).read_text())
@@ -91,12 +85,13 @@ class CheckpointManager:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise PretrainError(f"{path} has checkpoint format {manifest.get('format_version')}, this "
                                 f"version of pretrain reads format {FORMAT_VERSION}")
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state_dict = {"model": model_state, "optimizer": optim_state}
-        with _quiet_single_process():
-            dcp.load(state_dict, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state_dict["model"],
-                       optim_state_dict=state_dict["optimizer"])
+        written_by = manifest.get("engine", "dcp")
+        if written_by != engine.checkpoint_format:
+            backends = "parallel.backend=deepspeed" if written_by == "deepspeed" else "parallel.backend=none, ddp or fsdp"
+            raise PretrainError(f"{path} holds a {written_by!r} checkpoint, which this run's backend cannot read "
+                                f"(it reads {engine.checkpoint_format!r}); resume it with {backends}, or start "
+                                "over with --checkpoint.resume=false or another out_dir")
+        engine.load(path)
         state = torch.load(path / TRAINER_STATE, weights_only=True)
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return state
@@ -118,11 +113,3 @@ def set_rng_state(state: dict) -> None:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-@contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns that it runs in one process when no process group exists; that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield

@@ -10,7 +10,7 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -127,7 +127,27 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    backend: Literal["none"] = option("none", "sharding backend; 'none' = one process")
+    backend: Literal["none", "ddp", "fsdp", "deepspeed"] = option(
+        "none", "none = one process; ddp = replicated model; fsdp = PyTorch FSDP2 (sharded); "
+                "deepspeed = DeepSpeed ZeRO (see zero_stage)")
+    replicate: int = option(1, "fsdp: replica groups (HSDP: shard within a group of `shard` ranks, e.g. a node, "
+                               "replicate across groups)")
+    shard: int | None = option(None, "fsdp: ranks each model copy is sharded over (default: world size / replicate)")
+    reshard_after_forward: bool = option(True, "fsdp: free gathered parameters after each block's forward "
+                                               "(false: keep them until backward, more memory, less communication)")
+    cpu_offload: bool = option(False, "fsdp: keep sharded parameters, gradients and optimizer state in CPU memory")
+    zero_stage: Literal[1, 2, 3] = option(2, "deepspeed: ZeRO stage (1 = optimizer state, 2 = + gradients, "
+                                             "3 = + parameters sharded)")
+    offload_optimizer: bool = option(False, "deepspeed: optimizer state and step in CPU memory (DeepSpeedCPUAdam)")
+    offload_params: bool = option(False, "deepspeed: parameters in CPU memory (ZeRO stage 3 only)")
+    deepspeed: dict[str, Any] = option({}, "deepspeed: extra DeepSpeed config keys merged over the generated config, "
+                                 "e.g. {zero_optimization: {reduce_bucket_size: 5.0e+7}}")
+    activation_checkpointing: Literal["none", "full", "selective"] = option(
+        "none", "recompute block activations in backward: full = every block, selective = every ac_every-th")
+    ac_every: int = option(2, "selective activation checkpointing: checkpoint every N-th transformer block")
+    compile: bool = option(False, "torch.compile each transformer block")
+    timeout_s: float = option(600.0, "a collective that waits longer than this fails the job with an error "
+                                     "naming the rank (instead of hanging)")
 
 
 @dataclass(frozen=True)
@@ -226,9 +246,7 @@ def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Con
     if cfg.eval.every > 0 and cfg.data.val_fraction == 0:
         problems.append(f"eval.every={cfg.eval.every} needs held-out data but data.val_fraction=0; "
                         "set data.val_fraction=0.01 or eval.every=0")
-    if cfg.parallel.backend == "none" and world_size > 1:
-        problems.append(f"parallel.backend='none' runs one process but WORLD_SIZE={world_size}; "
-                        "launch a single process")
+    problems += _check_parallel(cfg.parallel, world_size)
     if problems:
         raise ConfigError(problems, source)
     model = cfg.model
@@ -355,6 +373,39 @@ def _check_batch(cfg: Config, world_size: int) -> list[str]:
             f"{t.micro_batch_size} x world size {world_size} = {per_step}; set the global batch to "
             f"{lower * scale} or {(lower + per_step) * scale} {unit}, or change micro_batch_size"
         )
+    return problems
+
+
+def _check_parallel(p: ParallelConfig, world_size: int) -> list[str]:
+    problems = []
+    if p.backend == "none" and world_size > 1:
+        problems.append(f"parallel.backend='none' runs one process but WORLD_SIZE={world_size}; launch a "
+                        "single process or choose --parallel.backend=fsdp (or ddp, deepspeed)")
+    if p.backend != "fsdp" and (p.replicate != 1 or p.shard is not None):
+        problems.append(f"parallel.replicate={p.replicate} / parallel.shard={p.shard} describe an FSDP (HSDP) "
+                        f"mesh but parallel.backend={p.backend!r}; use --parallel.backend=fsdp or drop them")
+    elif p.replicate < 1 or (p.shard is not None and p.shard < 1):
+        problems.append(f"parallel.replicate={p.replicate} and parallel.shard={p.shard} must be >= 1")
+    elif p.replicate * (p.shard or world_size // p.replicate) != world_size:
+        shard = p.shard or world_size // p.replicate
+        problems.append(f"parallel.replicate={p.replicate} x parallel.shard={shard} must equal the world size "
+                        f"{world_size}; choose replicate in {_divisors(world_size)} and leave shard unset")
+    if p.offload_params and not (p.backend == "deepspeed" and p.zero_stage == 3):
+        problems.append(f"parallel.offload_params=true needs --parallel.backend=deepspeed --parallel.zero_stage=3 "
+                        f"(got backend={p.backend!r}, zero_stage={p.zero_stage}); for fsdp use parallel.cpu_offload")
+    if p.offload_optimizer and p.backend != "deepspeed":
+        problems.append(f"parallel.offload_optimizer=true is a DeepSpeed option (backend={p.backend!r}); "
+                        "for fsdp use parallel.cpu_offload=true")
+    if p.cpu_offload and p.backend != "fsdp":
+        problems.append(f"parallel.cpu_offload=true is an FSDP option (backend={p.backend!r}); for deepspeed "
+                        "use parallel.offload_optimizer / parallel.offload_params")
+    if p.deepspeed and p.backend != "deepspeed":
+        problems.append(f"parallel.deepspeed holds DeepSpeed keys but parallel.backend={p.backend!r}; "
+                        "use --parallel.backend=deepspeed or remove them")
+    if p.ac_every < 1:
+        problems.append(f"parallel.ac_every={p.ac_every} must be >= 1 (1 = every block, as 'full')")
+    if p.timeout_s <= 0:
+        problems.append(f"parallel.timeout_s={p.timeout_s} must be positive, e.g. 600")
     return problems
 
 

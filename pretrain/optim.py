@@ -10,19 +10,21 @@ from torch import nn
 from pretrain.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; matrices get weight decay, vectors (norm gains) do not. Fused where the device has
-    a fused kernel, which does the whole update in one pass over the parameters."""
+def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Matrices get weight decay, vectors (norm gains) do not."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over parameter_groups(). Fused where the device has a fused kernel, which does the
+    whole update in one pass over the parameters."""
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=fused)
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -18,8 +18,15 @@ from pretrain.generate import generate
 from pretrain.hardware import keep_freed_memory, memory_gib, peak_flops, resolve_precision
 from pretrain.metrics import MetricLogger
 from pretrain.models import Transformer, count_params, flops_per_token
-from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.parallel import DistInfo, dist_info_from_env, parallelize
+from pretrain.optim import build_scheduler
+from pretrain.parallel import (
+    DistInfo,
+    build_engine,
+    collective_failures_named,
+    destroy_process_group,
+    dist_info_from_env,
+    init_process_group,
+)
 
 log = logging.getLogger("pretrain")
 
@@ -27,8 +34,8 @@ log = logging.getLogger("pretrain")
 class Trainer:
     """Owns the model, optimizer, schedule, data and loggers of one training run.
 
-    Data flows one way: config -> tokenizer -> model on meta -> parallelize -> materialise and
-    init -> optimizer -> data -> loop."""
+    Data flows one way: config -> process group -> tokenizer -> model on meta -> parallelize,
+    materialise and init, optimizer (the engine) -> data -> loop."""
 
     def __init__(self, cfg: Config, dist: DistInfo | None = None):
         self.cfg = cfg
@@ -37,6 +44,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.grad_accum = grad_accum_steps(cfg, self.dist.world_size)
         self.out_dir = Path(cfg.out_dir)
+        self.owns_process_group = init_process_group(self.dist, cfg.parallel.timeout_s)
         if self.device.type == "cpu" and keep_freed_memory():
             log.info("malloc tuned to keep freed memory (faster CPU steps; see hardware.keep_freed_memory)")
         if self.dist.is_main:
@@ -45,12 +53,10 @@ class Trainer:
         self.tokenizer = load_or_train_tokenizer(cfg, sources)
         with torch.device("meta"):
             model = Transformer(cfg.model)
-        model = parallelize(model, cfg.parallel, self.dist)
-        model.to_empty(device=self.device)
-        torch.manual_seed(cfg.train.seed)
-        model.init_weights()
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim, self.device)
+        self.engine = build_engine(model, cfg, self.dist, self.precision)
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
+        # Identical init on every rank (above); from here on each rank draws its own random numbers.
+        torch.manual_seed(cfg.train.seed + self.dist.rank)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.train_data = TrainData(cfg, self.tokenizer, self.dist.rank, self.dist.world_size, sources)
         self.val_batches = None
@@ -78,11 +84,15 @@ class Trainer:
         )
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 compute with fp32 master weights, or nothing for fp32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        """bf16 compute where the backend wants autocast for it, else nothing."""
+        return self.engine.autocast()
 
     def train(self) -> None:
         """Run until train.stop_at (or max_steps), with logging, evaluation and samples on intervals."""
+        with collective_failures_named(self.dist, self.cfg.parallel.timeout_s):
+            self._train()
+
+    def _train(self) -> None:
         cfg = self.cfg
         last_step = cfg.train.stop_at or cfg.train.max_steps
         if self.step >= last_step:
@@ -104,7 +114,7 @@ class Trainer:
                 self.log_step(loss, grad_norm, elapsed / interval_steps, last_step)
                 interval_start, interval_steps = time.perf_counter(), 0
             interval_start += self.run_interval_actions(last_step)  # not training time: excluded
-        if cfg.eval.sample_tokens and self.dist.is_main:
+        if cfg.eval.sample_tokens:
             self.write_samples()
         self.close()
 
@@ -131,14 +141,11 @@ class Trainer:
                 logits = self.model(inputs, document_ids)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
             # Every micro-batch holds the same number of tokens, so the mean of means is the mean.
-            (loss / self.grad_accum).backward()
+            self.engine.backward(loss / self.grad_accum)
             loss_sum += loss.detach()
-        max_norm = self.cfg.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        self.optimizer.step()
+        grad_norm = self.engine.step(self.cfg.optim.grad_clip)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / self.grad_accum, grad_norm
+        return all_ranks_mean(loss_sum / self.grad_accum), grad_norm
 
     def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_seconds: float, last_step: int) -> None:
         tokens_per_s = self.cfg.train.global_batch_tokens / step_seconds
@@ -168,9 +175,12 @@ class Trainer:
                 logits = self.model(inputs)
             loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                         ignore_index=IGNORE_INDEX, reduction="sum")
-            count += int((labels != IGNORE_INDEX).sum())
+            count += (labels != IGNORE_INDEX).sum()
         self.model.train()
-        val_loss = loss_sum.item() / count
+        totals = torch.stack([loss_sum, count.to(loss_sum)])
+        if self.dist.world_size > 1:  # each rank evaluated its share of the batches
+            torch.distributed.all_reduce(totals)
+        val_loss = (totals[0] / totals[1]).item()
         self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
                           "val_ppl": math.exp(min(val_loss, 50.0))})
         return val_loss
@@ -188,6 +198,8 @@ class Trainer:
                                stop_id=self.tokenizer.eos_id, generator=generator)
                 samples.append(prompt + self.tokenizer.decode(new))
         self.model.train()
+        if not self.dist.is_main:
+            return samples  # every rank generated (sharded forward passes need all ranks); one writes
         with (self.out_dir / "samples.txt").open("a", encoding="utf-8") as f:
             for sample in samples:
                 f.write(f"=== step {self.step} ===\n{sample}\n\n")
@@ -206,19 +218,29 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(self.step, self.model, self.optimizer, self.state_dict(),
-                                     config_to_yaml(self.cfg))
+        return self.checkpoints.save(self.step, self.engine, self.state_dict(), config_to_yaml(self.cfg))
 
     def resume(self) -> None:
         """Continue from checkpoint.resume_from, else (with checkpoint.resume) the newest checkpoint."""
         ck = self.cfg.checkpoint
         path = Path(ck.resume_from) if ck.resume_from else (self.checkpoints.latest() if ck.resume else None)
         if path is not None:
-            self.load_state_dict(self.checkpoints.load(path, self.model, self.optimizer))
+            self.load_state_dict(self.checkpoints.load(path, self.engine))
 
     def close(self) -> None:
         self.train_data.close()
         self.metrics.close()
+        if self.owns_process_group:
+            destroy_process_group()
+
+
+def all_ranks_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over all ranks (each rank's loss covers its share of the batch)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)  # gloo has no AVG
+        value /= torch.distributed.get_world_size()
+    return value
 
 
 def due(step: int, every: int) -> bool:

@@ -101,5 +101,11 @@ class TransformerBlock(nn.Module):
 
 
 def init_normal(weight: torch.Tensor, std: float) -> None:
-    """Normal(0, std) truncated at 3 std, so no weight starts as an outlier."""
-    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+    """Normal(0, std) truncated at 3 std, so no weight starts as an outlier.
+
+    Drawn at the weight's full shape and copied in: a weight that a parallel backend has split
+    into shards receives its slice of the same draw, so the initial model does not depend on
+    how it is distributed."""
+    full = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    nn.init.trunc_normal_(full, mean=0.0, std=std, a=-3 * std, b=3 * std)
+    weight.copy_(full)

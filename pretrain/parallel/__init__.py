@@ -1,56 +1,66 @@
-"""Where this process runs and how the model is spread over processes.
+"""Spreading one plain model over processes, applied from outside the model in a fixed order:
+activation checkpointing -> compile -> FSDP2 (or DDP / DeepSpeed), then materialise and init.
 
-Parallelism is applied to a plain model from outside, one function per backend. Only the
-single-process backend exists so far; the sharded backends plug in at `parallelize`."""
+`build_engine` is the one entry point; each technique lives in its own module."""
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor.experimental import implicit_replication
 
-from pretrain.config import ParallelConfig
-from pretrain.errors import PretrainError
+from pretrain.config import Config
+from pretrain.optim import build_optimizer
+from pretrain.parallel.activation import apply_activation_checkpointing
+from pretrain.parallel.compile import apply_compile
+from pretrain.parallel.ddp import apply_ddp
+from pretrain.parallel.distributed import (
+    DistInfo,
+    collective_failures_named,
+    destroy_process_group,
+    dist_info_from_env,
+    init_process_group,
+    select_device,
+)
+from pretrain.parallel.engine import Engine, TorchEngine
+from pretrain.parallel.fsdp import apply_fsdp, build_mesh
+
+__all__ = ["DistInfo", "Engine", "build_engine", "collective_failures_named", "destroy_process_group",
+           "dist_info_from_env", "init_process_group", "materialize", "select_device"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in the job (from torchrun's environment variables)."""
+def build_engine(model: nn.Module, cfg: Config, dist: DistInfo, precision: str) -> Engine:
+    """Parallelize `model` (a Transformer built on the meta device) as cfg.parallel says, give it
+    real storage and seeded initial weights, and pair it with its optimizer."""
+    p, bf16 = cfg.parallel, precision == "bf16"
+    apply_activation_checkpointing(model.layers, p.activation_checkpointing, p.ac_every)
+    if p.compile:
+        apply_compile(model.layers)
+    if p.backend == "fsdp":
+        shard = p.shard or dist.world_size // p.replicate
+        apply_fsdp(model, build_mesh(dist.device, p.replicate, shard), bf16, p.reshard_after_forward, p.cpu_offload)
+    materialize(model, dist.device, cfg.train.seed)
+    if p.backend == "deepspeed":
+        from pretrain.parallel.deepspeed_engine import DeepSpeedEngine  # imports deepspeed: slow, only when used
 
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info_from_env(device: str = "auto") -> DistInfo:
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    return DistInfo(rank, local_rank, world_size, select_device(device, local_rank))
-
-
-def select_device(requested: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks this rank's GPU when there is one, else the CPU."""
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise PretrainError("train.device='cuda' but no CUDA device is available; use train.device=cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+        return DeepSpeedEngine(model, cfg, dist.world_size, dist.device, bf16)
+    optimizer = build_optimizer(model, cfg.optim, dist.device)
+    if p.backend == "ddp":
+        model = apply_ddp(model, dist.device)
+    return TorchEngine(model, optimizer, dist.device, autocast_bf16=bf16 and p.backend != "fsdp")
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, dist: DistInfo) -> nn.Module:
-    """Apply the configured backend to `model` (built on the meta device) and return it."""
-    if cfg.backend == "none":
-        return model
-    raise ValueError(f"unknown parallel.backend {cfg.backend!r}")  # validate() rules this out
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate the (possibly sharded) parameters on `device` and initialise them from `seed`.
+
+    The model's init draws each weight at full size and copies it in; with implicit replication
+    a sharded parameter keeps its slice of that draw. So every backend and world size starts from
+    exactly the weights of a single process, holding one full parameter at a time, never the model."""
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad(), implicit_replication():
+        model.init_weights()

@@ -18,7 +18,7 @@ def run_ranks(fn: Callable, world_size: int, *args: object) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_entry, args=(fn, world_size, port, args), nprocs=world_size, join=True,
-                       start_method="fork")
+                       start_method="spawn")
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:

@@ -1,0 +1,116 @@
+"""DeepSpeed ZeRO behind the trainer's four verbs (backward, step, save, load).
+
+We generate the DeepSpeed config from ours (batch sizes, accumulation, clipping, precision, ZeRO
+stage and offload), merge the user's extra keys over it, and hand DeepSpeed our AdamW with its
+parameter groups, so the update rule, clipping and LR schedule match the other backends."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.config import Config, grad_accum_steps
+from pretrain.optim import build_optimizer, parameter_groups
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's files go to <checkpoint>/deepspeed/
+
+
+def deepspeed_config(cfg: Config, world_size: int, bf16: bool, pin_memory: bool) -> dict[str, Any]:
+    """The DeepSpeed config for this job: ours, with `parallel.deepspeed` merged over it
+    (validate() has rejected extra keys that would contradict ours)."""
+    p = cfg.parallel
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    generated = {
+        "train_batch_size": cfg.train.global_batch_tokens // cfg.data.seq_len,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,  # the trainer logs
+        "wall_clock_breakdown": False,
+    }
+    return merge(generated, p.deepspeed)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, recursing into mappings both have."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine with the trainer's verbs. The trainer's loss arrives already divided by
+    the accumulation steps, as for the other backends."""
+
+    checkpoint_format = "deepspeed"
+
+    def __init__(self, model: nn.Module, cfg: Config, world_size: int, device: torch.device, bf16: bool):
+        import deepspeed
+
+        ds_config = deepspeed_config(cfg, world_size, bf16, pin_memory=device.type == "cuda")
+        if cfg.parallel.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            o = cfg.optim
+            optimizer = DeepSpeedCPUAdam(parameter_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                         adamw_mode=True)
+        else:
+            optimizer = build_optimizer(model, cfg.optim, device)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                                    dist_init_required=False)
+        self.model = self.engine
+        self.optimizer = optimizer  # ZeRO steps this optimizer on its flat shards; the LR schedule drives it
+        log.info("DeepSpeed ZeRO stage %d%s%s, bf16=%s", cfg.parallel.zero_stage,
+                 ", optimizer offloaded to CPU" if cfg.parallel.offload_optimizer else "",
+                 ", parameters offloaded to CPU" if cfg.parallel.offload_params else "", bf16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # with bf16 enabled DeepSpeed holds bf16 parameters itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only advances DeepSpeed's micro-batch counter
+
+    def step(self, max_norm: float) -> torch.Tensor:
+        """Reduce, clip (to optim.grad_clip, through the DeepSpeed config) and update."""
+        assert self.engine.is_gradient_accumulation_boundary(), "step() after fewer backward() calls than accumulation steps"
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0's CPU; other ranks get {} (gathers ZeRO-3's shards)."""
+        import deepspeed
+
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            if self.engine.global_rank != 0:
+                return {}
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def save(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {path / CHECKPOINT_TAG}")

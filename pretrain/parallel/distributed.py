@@ -1,0 +1,90 @@
+"""Where this process runs and how it joins the others: torchrun's environment, the device,
+the process group and its timeout."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pretrain.errors import PretrainError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job (from torchrun's environment variables)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env(device: str = "auto") -> DistInfo:
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistInfo(rank, local_rank, world_size, select_device(device, local_rank))
+
+
+def select_device(requested: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks this rank's GPU when there is one, else the CPU."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise PretrainError("train.device='cuda' but no CUDA device is available; use train.device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(info: DistInfo, timeout_s: float) -> bool:
+    """Join the job's process group (NCCL between GPUs, gloo between CPU processes) unless this is a
+    single process or the group exists already; returns whether this call created it.
+
+    Every collective then fails after `timeout_s` instead of hanging forever."""
+    if info.world_size == 1 or dist.is_initialized():
+        return False
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if info.device.type == "cuda":
+        # Without async error handling a timed-out NCCL collective blocks forever; with it the
+        # watchdog aborts the process and logs the rank and the collective.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group("nccl", timeout=timeout, device_id=info.device)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+    return True
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# What gloo and NCCL say when a peer is gone or a collective waited too long.
+_COLLECTIVE_FAILURE = re.compile(r"[Tt]imed out|Connection (closed|reset)|[Bb]roken pipe|NCCL|gloo")
+
+
+@contextlib.contextmanager
+def collective_failures_named(info: DistInfo, timeout_s: float) -> Iterator[None]:
+    """Turn a failed or timed-out collective into an error that names this rank and the fix."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if info.world_size == 1 or not (isinstance(exc, dist.DistError) or _COLLECTIVE_FAILURE.search(str(exc))):
+            raise
+        raise PretrainError(
+            f"rank {info.rank} of {info.world_size}: a collective operation failed or waited longer than "
+            f"parallel.timeout_s={timeout_s:g}s ({str(exc).splitlines()[0][:300]}). Another rank probably "
+            "crashed or stalled: look for the first error in the other ranks' logs (logging.all_ranks=true "
+            "shows every rank); if steps are legitimately that slow, raise --parallel.timeout_s"
+        ) from exc

@@ -1,0 +1,90 @@
+"""The four verbs the trainer uses to learn, whatever the backend: backward, step, save, load.
+
+`TorchEngine` serves none, ddp and fsdp (a torch optimizer over the model's own, possibly
+sharded, parameters; checkpoints through torch.distributed.checkpoint). DeepSpeed, which takes
+over the optimizer and the checkpoint format, has its own adapter with the same verbs."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+
+class Engine(Protocol):
+    model: nn.Module  # called for forward passes (training, evaluation, generation)
+    optimizer: torch.optim.Optimizer  # the torch optimizer whose param_groups the LR schedule drives
+    checkpoint_format: str  # recorded in each checkpoint's manifest
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self, max_norm: float) -> torch.Tensor: ...
+    def save(self, path: Path) -> None: ...
+    def load(self, path: Path) -> None: ...
+    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+class TorchEngine:
+    """A plain, DDP-wrapped or FSDP-sharded model with a torch optimizer."""
+
+    checkpoint_format = "dcp"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, autocast_bf16: bool):
+        self.model, self.optimizer = model, optimizer
+        self.device, self.autocast_bf16 = device, autocast_bf16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 compute with fp32 master weights; FSDP casts through its mixed-precision policy instead."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm (0 = no clipping), step, clear gradients; return the norm
+        before clipping."""
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf, foreach=True)
+        if isinstance(norm, DTensor):  # FSDP: the norm over all shards, replicated on every rank
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save(self, path: Path) -> None:
+        """Every rank writes its own shards in parallel (DCP); the result loads at any world size."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        with _quiet_single_process():
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+
+    def load(self, path: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0's CPU; other ranks get {} (a collective under FSDP)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {k: v.detach().cpu() for k, v in get_model_state_dict(self.model, options=options).items()}
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it runs in one process when no process group exists; that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
