@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Single-node launch through torchrun:
 #   launch/torchrun.sh CONFIG [--section.key=value ...]
+# e.g. launch/torchrun.sh configs/demo.yaml --parallel.backend=fsdp
+#      launch/torchrun.sh configs/demo.yaml --parallel.backend=deepspeed --parallel.zero_stage=3
 # Environment:
-#   NPROC   processes on this node (default: one per visible GPU, 1 without GPUs)
+#   NPROC   processes on this node (default: one per visible GPU, 2 on a machine without GPUs)
 #   PYTHON  interpreter with pretrain installed (default: .venv/bin/python if present, else python3)
-# torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/PORT for each process; more than one
-# process needs a parallel.backend that shards across them.
+# torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/PORT for each process. DeepSpeed runs
+# under torchrun too (no `deepspeed` launcher needed). More than one process needs a
+# parallel.backend that spreads over them (ddp, fsdp or deepspeed).
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
@@ -18,7 +21,11 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-  [[ "$NPROC" -gt 0 ]] || NPROC=1
+  [[ "$NPROC" -gt 0 ]] || NPROC=2
+fi
+if [[ "$NPROC" -gt 1 ]]; then
+  # Each process gets an equal share of the cores for its intra-op threads (torchrun would set 1).
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 fi
 
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m pretrain train "$@"

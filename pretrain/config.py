@@ -376,6 +376,22 @@ def _check_batch(cfg: Config, world_size: int) -> list[str]:
     return problems
 
 
+# DeepSpeed keys that the generated DeepSpeed config derives from ours, and the key to set instead.
+DEEPSPEED_DERIVED_KEYS = {
+    "train_batch_size": "train.global_batch_tokens",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_tokens (accumulation is derived from it)",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision (bf16; fp16 with loss scaling is not supported)",
+    "optimizer": "the optim section (DeepSpeed steps our AdamW)",
+    "scheduler": "optim.schedule and its keys",
+    "zero_optimization.stage": "parallel.zero_stage",
+    "zero_optimization.offload_optimizer": "parallel.offload_optimizer",
+    "zero_optimization.offload_param": "parallel.offload_params",
+}
+
+
 def _check_parallel(p: ParallelConfig, world_size: int) -> list[str]:
     problems = []
     if p.backend == "none" and world_size > 1:
@@ -402,6 +418,11 @@ def _check_parallel(p: ParallelConfig, world_size: int) -> list[str]:
     if p.deepspeed and p.backend != "deepspeed":
         problems.append(f"parallel.deepspeed holds DeepSpeed keys but parallel.backend={p.backend!r}; "
                         "use --parallel.backend=deepspeed or remove them")
+    for dotted, instead in DEEPSPEED_DERIVED_KEYS.items():
+        section, _, name = dotted.rpartition(".")
+        holder = p.deepspeed.get(section) if section else p.deepspeed
+        if isinstance(holder, dict) and name in holder:
+            problems.append(f"parallel.deepspeed.{dotted} is set from our config; set {instead} instead")
     if p.ac_every < 1:
         problems.append(f"parallel.ac_every={p.ac_every} must be >= 1 (1 = every block, as 'full')")
     if p.timeout_s <= 0:

@@ -11,19 +11,24 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def run_ranks(fn: Callable, world_size: int, *args: object) -> None:
-    """Call fn(rank, world_size, *args) in `world_size` forked processes; a failure in any of them
-    fails the caller with that process's traceback."""
+def run_ranks(fn: Callable, world_size: int, *args: object, process_group: bool = True) -> None:
+    """Call fn(rank, world_size, *args) in `world_size` fresh processes (spawned: forking a parent
+    that has run torch ops can deadlock the children's thread pools); a failure in any of them
+    fails the caller with that process's traceback. `fn` must be importable (module level).
+    With process_group=False, fn joins the group itself (torchrun's environment is set)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_entry, args=(fn, world_size, port, args), nprocs=world_size, join=True,
+    mp.start_processes(_entry, args=(fn, world_size, port, process_group, args), nprocs=world_size, join=True,
                        start_method="spawn")
 
 
-def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world_size: int, port: int, process_group: bool, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
+    if not process_group:
+        fn(rank, world_size, *args)
+        return
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, world_size, *args)

@@ -99,17 +99,54 @@ def test_short_training_run_through_the_cli(tmp_path, corpus_file, tokenizer_fil
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
+def launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "launch" / script), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHON": sys.executable, **env})
+
+
 def test_torchrun_launcher_passes_config_and_overrides(tmp_path, corpus_file, tokenizer_file):
-    args = [str(REPO / "launch" / "torchrun.sh"), *config_file_and_overrides(tmp_path, corpus_file, tokenizer_file, 2)]
-    env = {**os.environ, "NPROC": "1", "PYTHON": sys.executable}
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    args = config_file_and_overrides(tmp_path, corpus_file, tokenizer_file, 2)
+    result = launch("torchrun.sh", *args, NPROC="1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
-    # two processes need a sharding backend: the config check says so before any compute
-    env["NPROC"] = "2"
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # two processes need a backend that spreads over them: the config check says so before any compute
+    result = launch("torchrun.sh", *args, "--out_dir=" + str(tmp_path / "two"), NPROC="2")
     assert result.returncode != 0
     assert "parallel.backend='none' runs one process but WORLD_SIZE=2" in result.stderr
+
+
+@pytest.mark.parametrize("backend", [["--parallel.backend=fsdp"],
+                                     ["--parallel.backend=deepspeed", "--parallel.zero_stage=3"]])
+def test_torchrun_launcher_trains_on_two_processes(backend, tmp_path, corpus_file, tokenizer_file):
+    """The launcher's default on a machine without GPUs is 2 processes; rank 0 alone logs."""
+    args = [*config_file_and_overrides(tmp_path, corpus_file, tokenizer_file, 30), "--train.micro_batch_size=2",
+            "--train.global_batch_sequences=8", "--logging.every=1", "--checkpoint.every=30", *backend]
+    result = launch("torchrun.sh", *args, **({"NPROC": ""} if "NPROC" in os.environ else {}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 ranks" in result.stdout and result.stdout.count("step 30/30") == 1
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 0.5
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "step_00000030" / "manifest.json").read_text())
+    assert manifest["engine"] == ("deepspeed" if "deepspeed" in backend[0] else "dcp")
+
+
+def test_slurm_script_starts_one_torchrun_per_node_meeting_on_the_first(tmp_path):
+    """With srun and scontrol replaced by stand-ins that print what they are given."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text('#!/bin/sh\necho "srun $*"\n')
+    (fake_bin / "scontrol").write_text('#!/bin/sh\nprintf "gpu-node-07\\ngpu-node-08\\n"\n')
+    for tool in fake_bin.iterdir():
+        tool.chmod(0o755)
+    result = launch("slurm.sbatch", "configs/demo.yaml", "--parallel.backend=fsdp", "--parallel.replicate=2",
+                    PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-[07-08]",
+                    SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="4", PYTHON="python3")
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("srun ")]
+    assert ("python3 -m torch.distributed.run --nnodes 2 --nproc_per_node 4 --rdzv_id 4242 --rdzv_backend c10d "
+            "--rdzv_endpoint gpu-node-07:29500 -m pretrain train configs/demo.yaml --parallel.backend=fsdp "
+            "--parallel.replicate=2") in line
+    assert launch("slurm.sbatch", "--help").stdout.startswith("Multi-node launch")
 
 
 def test_prepared_shards_train_exactly_like_text_and_a_changed_mixture_names_the_override(

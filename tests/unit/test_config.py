@@ -24,7 +24,7 @@ def test_demo_loads_and_derives_values():
     cfg = load_config(DEMO, [], world_size=1)
     assert cfg.model.max_seq_len == cfg.data.seq_len == 128
     assert cfg.train.global_batch_tokens == 2048
-    assert grad_accum_steps(cfg, 1) == 1
+    assert grad_accum_steps(cfg, 1) == 2 and grad_accum_steps(cfg, 2) == 1
 
 
 def test_overrides_parse_as_yaml_and_are_typed():
@@ -108,13 +108,13 @@ def test_global_batch_divisibility_messages():
 
 def test_global_batch_in_sequences_or_default():
     cfg = load_config(DEMO, ["--train.global_batch_sequences=32", "--train.global_batch_tokens=null"], world_size=1)
-    assert cfg.train.global_batch_tokens == 32 * 128 and grad_accum_steps(cfg, 1) == 2
+    assert cfg.train.global_batch_tokens == 32 * 128 and grad_accum_steps(cfg, 1) == 4
     cfg = load_config(DEMO, ["--train.global_batch_tokens=null"], world_size=1)
-    assert cfg.train.global_batch_tokens == 16 * 128  # one micro-batch per rank
+    assert cfg.train.global_batch_tokens == 8 * 128  # one micro-batch per rank
     (problem,) = problems_of("--train.global_batch_sequences=32")
     assert "give only one of train.global_batch_tokens and train.global_batch_sequences" in problem
     (problem,) = problems_of("--train.global_batch_sequences=20", "--train.global_batch_tokens=null")
-    assert "set the global batch to 16 or 32 sequences" in problem
+    assert "set the global batch to 16 or 24 sequences" in problem
 
 
 def test_many_problems_are_reported_together():
@@ -138,6 +138,47 @@ def test_missing_data_path_and_bad_suffix(tmp_path):
 def test_backend_none_rejects_several_processes():
     (problem,) = problems_of("--train.micro_batch_size=8", world_size=2)
     assert "parallel.backend='none' runs one process but WORLD_SIZE=2" in problem
+
+
+def test_parallel_options_belong_to_their_backend_and_mesh_fits_world():
+    problems = problems_of("--parallel.backend=ddp", "--parallel.replicate=2", "--parallel.cpu_offload=true",
+                           "--parallel.offload_params=true", "--parallel.deepspeed={zero_optimization: {}}",
+                           "--train.micro_batch_size=4", world_size=4)
+    assert len(problems) == 4
+    assert "parallel.replicate=2 / parallel.shard=None describe an FSDP (HSDP) mesh but parallel.backend='ddp'" \
+        in problems[0]
+    assert "offload_params=true needs --parallel.backend=deepspeed --parallel.zero_stage=3" in problems[1]
+    assert "cpu_offload=true is an FSDP option" in problems[2]
+    assert "parallel.deepspeed holds DeepSpeed keys but parallel.backend='ddp'" in problems[3]
+    (problem,) = problems_of("--parallel.backend=fsdp", "--parallel.replicate=3", "--train.micro_batch_size=4",
+                             world_size=4)
+    assert "parallel.replicate=3 x parallel.shard=1 must equal the world size 4; choose replicate in {1, 2, 4}" \
+        in problem
+    hsdp = load_config(DEMO, ["--parallel.backend=fsdp", "--parallel.replicate=2", "--parallel.shard=2",
+                              "--train.micro_batch_size=4"], world_size=4)
+    assert (hsdp.parallel.replicate, hsdp.parallel.shard) == (2, 2)
+
+
+def test_deepspeed_keys_derived_from_our_config_are_refused():
+    problems = problems_of("--parallel.backend=deepspeed", "--parallel.deepspeed={gradient_clipping: 0.5, "
+                           "zero_optimization: {stage: 3, reduce_bucket_size: 1000}, zero_force_ds_cpu_optimizer: false}")
+    assert problems == ["parallel.deepspeed.gradient_clipping is set from our config; set optim.grad_clip instead",
+                        "parallel.deepspeed.zero_optimization.stage is set from our config; set parallel.zero_stage "
+                        "instead"]
+
+
+def test_generated_deepspeed_config_follows_ours_and_merges_extra_keys():
+    from pretrain.parallel.deepspeed_engine import deepspeed_config
+
+    cfg = load_config(DEMO, ["--parallel.backend=deepspeed", "--parallel.zero_stage=3", "--optim.grad_clip=0.5",
+                             "--parallel.offload_params=true",
+                             "--parallel.deepspeed={zero_optimization: {reduce_bucket_size: 1000}}"], world_size=2)
+    ds = deepspeed_config(cfg, world_size=2, bf16=True, pin_memory=False)
+    # demo: 2048 tokens = 16 sequences of 128 per step, micro-batches of 8, so 2 ranks need no accumulation
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 8, 1)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False},
+                                       "reduce_bucket_size": 1000}
 
 
 def test_unreadable_file_and_bad_yaml(tmp_path):
