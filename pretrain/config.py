@@ -160,7 +160,8 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = option(0, "validation loss every N steps and at the end (0 = off)")
-    batches: int = option(20, "validation micro-batches per evaluation (fewer if the split is smaller)")
+    batches: int = option(20, "validation micro-batches per evaluation over all ranks, the same sequences at any "
+                              "world size (fewer if the split is smaller)")
     sample_prompts: list[str] = option(["The "], "prompts completed by the model at the end of training")
     sample_tokens: int = option(64, "tokens generated per prompt (0 = no samples)")
     sample_top_k: int = option(1, "sample among the k likeliest tokens (1 = greedy)")

@@ -14,5 +14,6 @@ def setup_logging(rank: int = 0, all_ranks: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("datasets", "fsspec", "urllib3", "filelock", "torch.distributed.elastic"):
+    # DeepSpeed's op builders log compiler command lines through distutils/setuptools at INFO.
+    for noisy in ("datasets", "fsspec", "urllib3", "filelock", "torch.distributed.elastic", "distutils", "setuptools"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -26,6 +26,7 @@ from pretrain.parallel import (
     destroy_process_group,
     dist_info_from_env,
     init_process_group,
+    main_rank_first,
 )
 
 log = logging.getLogger("pretrain")
@@ -44,13 +45,15 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.grad_accum = grad_accum_steps(cfg, self.dist.world_size)
         self.out_dir = Path(cfg.out_dir)
-        self.owns_process_group = init_process_group(self.dist, cfg.parallel.timeout_s)
+        self.owns_process_group = init_process_group(self.dist, cfg.parallel.timeout_s,
+                                                     always=cfg.parallel.backend != "none")
         if self.device.type == "cpu" and keep_freed_memory():
             log.info("malloc tuned to keep freed memory (faster CPU steps; see hardware.keep_freed_memory)")
         if self.dist.is_main:
             save_config(cfg, cfg.out_dir)
         sources = open_sources(cfg.data)  # lists every file: a missing one fails before any compute
-        self.tokenizer = load_or_train_tokenizer(cfg, sources)
+        with main_rank_first(self.dist):  # one rank trains a missing tokenizer, the others load it
+            self.tokenizer = load_or_train_tokenizer(cfg, sources)
         with torch.device("meta"):
             model = Transformer(cfg.model)
         self.engine = build_engine(model, cfg, self.dist, self.precision)

@@ -17,10 +17,13 @@ IGNORE_INDEX = -100  # labels with this value add nothing to the loss (F.cross_e
 def validation_batches(cfg: Config, tokenizer: Tokenizer, max_batches: int, rank: int = 0, world_size: int = 1,
                        sources: list | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share of the first `max_batches` micro-batches of the held-out split, built
-    once (all sources in order, the last window padded; padding is ignored by the loss)."""
+    once (all sources in order, the last window padded; padding is ignored by the loss).
+
+    The sequences are the same at any world size (ranks split them), so validation losses stay
+    comparable when a run moves to more or fewer processes; every rank gets as many batches."""
     data, batch_size = cfg.data, cfg.train.micro_batch_size
     sources = sources if sources is not None else open_sources(data)
-    wanted = max_batches * batch_size * world_size * data.seq_len + 1
+    wanted = max_batches * batch_size * data.seq_len + 1
     parts, have = [], 0
     for source in sources:
         if have >= wanted:
@@ -31,8 +34,12 @@ def validation_batches(cfg: Config, tokenizer: Tokenizer, max_batches: int, rank
         raise PretrainError(f"the validation split is empty: no document fell in data.val_fraction="
                             f"{data.val_fraction}; raise it or set eval.every=0")
     tokens = np.concatenate(parts)[:wanted]
-    windows = cut_windows(tokens, data.seq_len, tokenizer.pad_id)[: max_batches * batch_size * world_size]
-    mine = torch.from_numpy(windows[rank::world_size])
+    windows = cut_windows(tokens, data.seq_len, tokenizer.pad_id)[: max_batches * batch_size]
+    usable = len(windows) // world_size * world_size  # equal shares: a sharded forward needs every rank
+    if usable == 0:
+        raise PretrainError(f"the validation split holds {len(windows)} sequences of data.seq_len={data.seq_len}, "
+                            f"fewer than the {world_size} ranks; raise data.val_fraction or set eval.every=0")
+    mine = torch.from_numpy(windows[:usable][rank::world_size])
     batches = []
     for start in range(0, len(mine), batch_size):
         window = mine[start : start + batch_size]

@@ -22,13 +22,14 @@ from pretrain.parallel.distributed import (
     destroy_process_group,
     dist_info_from_env,
     init_process_group,
+    main_rank_first,
     select_device,
 )
 from pretrain.parallel.engine import Engine, TorchEngine
 from pretrain.parallel.fsdp import apply_fsdp, build_mesh
 
 __all__ = ["DistInfo", "Engine", "build_engine", "collective_failures_named", "destroy_process_group",
-           "dist_info_from_env", "init_process_group", "materialize", "select_device"]
+           "dist_info_from_env", "init_process_group", "main_rank_first", "materialize", "select_device"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,29 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
     The model's init draws each weight at full size and copies it in; with implicit replication
     a sharded parameter keeps its slice of that draw. So every backend and world size starts from
     exactly the weights of a single process, holding one full parameter at a time, never the model."""
+    ties = shared_parameters(model)
     model.to_empty(device=device)
+    for module, name, owner, owner_name in ties:
+        # Moving off the meta device gives every module a new Parameter object, which would untie
+        # shared weights (a tied output head would keep uninitialised memory): share them again.
+        if getattr(module, name) is not getattr(owner, owner_name):
+            setattr(module, name, getattr(owner, owner_name))
     torch.manual_seed(seed)
     with torch.no_grad(), implicit_replication():
         model.init_weights()
+
+
+def shared_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    """(module, name, owner, owner_name) for every parameter that is the same object as one
+    registered earlier (tied weights such as an output head sharing the embedding)."""
+    first: dict[int, tuple[nn.Module, str]] = {}
+    ties = []
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) in first:
+                ties.append((module, name, *first[id(param)]))
+            else:
+                first[id(param)] = (module, name)
+    return ties

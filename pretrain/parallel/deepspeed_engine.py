@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,9 @@ class DeepSpeedEngine:
     def __init__(self, model: nn.Module, cfg: Config, world_size: int, device: torch.device, bf16: bool):
         import deepspeed
 
+        # DeepSpeed calls these torch collectives by their old names on every step.
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
         ds_config = deepspeed_config(cfg, world_size, bf16, pin_memory=device.type == "cuda")
         if cfg.parallel.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -47,22 +47,37 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(info: DistInfo, timeout_s: float) -> bool:
-    """Join the job's process group (NCCL between GPUs, gloo between CPU processes) unless this is a
-    single process or the group exists already; returns whether this call created it.
+def init_process_group(info: DistInfo, timeout_s: float, always: bool = False) -> bool:
+    """Join the job's process group (NCCL between GPUs, gloo between CPU processes) when there
+    are several processes, or `always` (a sharding backend needs a group even alone); returns
+    whether this call created it (an existing group is used as it is).
 
     Every collective then fails after `timeout_s` instead of hanging forever."""
-    if info.world_size == 1 or dist.is_initialized():
+    if dist.is_initialized() or (info.world_size == 1 and not always):
         return False
-    timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)}
+    if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)  # started without torchrun
     if info.device.type == "cuda":
         # Without async error handling a timed-out NCCL collective blocks forever; with it the
         # watchdog aborts the process and logs the rank and the collective.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group("nccl", timeout=timeout, device_id=info.device)
+        dist.init_process_group("nccl", device_id=info.device, **kwargs)
     else:
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", **kwargs)
     return True
+
+
+@contextlib.contextmanager
+def main_rank_first(info: DistInfo) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. trains and writes the tokenizer), then the other ranks
+    (which now find its result). Without a process group it just runs the block."""
+    group = dist.is_initialized() and info.world_size > 1
+    if group and not info.is_main:
+        dist.barrier()
+    yield
+    if group and info.is_main:
+        dist.barrier()
 
 
 def destroy_process_group() -> None:

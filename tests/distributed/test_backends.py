@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 STEPS = 12
 # 8 sequences per step: one process accumulates 4 micro-batches of 2, each of 2 ranks 2 of 2.
 SHARED = {"train__max_steps": STEPS, "train__micro_batch_size": 2, "train__global_batch_sequences": 8,
-          "optim__warmup_steps": 3, "model__n_layers": 3, "logging__every": 1}
+          "optim__warmup_steps": 3, "model__n_layers": 3, "logging__every": 1, "eval__every": 6, "eval__batches": 4}
 
 
 def train(run_dir: Path, corpus: Path, tokenizer: Path, world_size: int, **extra: object) -> None:
@@ -37,15 +37,18 @@ def _rank_train(rank: int, world_size: int, run_dir: Path, corpus: Path, tokeniz
     train(run_dir, corpus, tokenizer, world_size, **extra)
 
 
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    return [r[key] for r in read_metrics(run_dir) if key in r]
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory, corpus_file, tokenizer_file) -> Path:
-    run_dir = tmp_path_factory.mktemp("none")
-    train(run_dir, corpus_file, tokenizer_file, 1)
-    return run_dir
+def single_process(tmp_path_factory, corpus_file, tokenizer_file) -> dict[bool, Path]:
+    """The 1-process reference runs, with an untied and a tied output head."""
+    runs = {}
+    for tied in (False, True):
+        runs[tied] = tmp_path_factory.mktemp("tied" if tied else "untied")
+        train(runs[tied], corpus_file, tokenizer_file, 1, model__tie_embeddings=tied)
+    return runs
 
 
 BACKENDS = {
@@ -60,15 +63,34 @@ BACKENDS = {
 }
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_ranks_match_one_process(backend, single_process, tmp_path, corpus_file, tokenizer_file):
-    run_ranks(_rank_train, 2, tmp_path, corpus_file, tokenizer_file, BACKENDS[backend])
-    expected, got = losses(single_process), losses(tmp_path)
+def test_two_ranks_match_one_process(backend, tied, single_process, tmp_path, corpus_file, tokenizer_file):
+    run_ranks(_rank_train, 2, tmp_path, corpus_file, tokenizer_file,
+              {**BACKENDS[backend], "model__tie_embeddings": tied})
+    reference_run = single_process[tied]
+    expected, got = losses(reference_run), losses(tmp_path)
     assert len(got) == STEPS
     assert got == pytest.approx(expected, rel=2e-5), json.dumps({"expected": expected, "got": got})
     assert expected[-1] < expected[0] - 0.5  # it learned, so matching is not trivial
-    reference = torch.load(single_process / "weights.pt")
+    # the same held-out sequences, split over the ranks, give the same validation loss
+    assert losses(tmp_path, "val_loss") == pytest.approx(losses(reference_run, "val_loss"), rel=2e-5)
+    reference = torch.load(reference_run / "weights.pt")
     weights = torch.load(tmp_path / "weights.pt")
     assert weights.keys() == reference.keys()
     for name, value in reference.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero1", "zero3"])
+def test_two_ranks_resume_exactly(backend, tmp_path, corpus_file, tokenizer_file):
+    """N steps straight == N/2, stop, resume from the checkpoint, N/2 more: identical losses."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_ranks(_rank_train, 2, straight, corpus_file, tokenizer_file, BACKENDS[backend])
+    stop = {**BACKENDS[backend], "checkpoint__every": 100}
+    run_ranks(_rank_train, 2, resumed, corpus_file, tokenizer_file, {**stop, "train__stop_at": STEPS // 2})
+    assert (resumed / "checkpoints" / f"step_{STEPS // 2:08d}" / "manifest.json").is_file()
+    run_ranks(_rank_train, 2, resumed, corpus_file, tokenizer_file, stop)
+    assert losses(resumed) == losses(straight)
+    reference, weights = torch.load(straight / "weights.pt"), torch.load(resumed / "weights.pt")
+    assert all(torch.equal(weights[name], value) for name, value in reference.items())

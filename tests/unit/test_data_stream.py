@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from pretrain.data import TrainData, open_sources, validation_batches
 from pretrain.data.sources import RecordErrors
@@ -245,3 +246,12 @@ def test_validation_batches_are_held_out_and_bounded(tiny_config, tokenizer):
     assert not any(val_text[:200] in doc for doc in train_docs)
     with pytest.raises(PretrainError, match="validation split is empty"):
         validation_batches(tiny_config(data__val_fraction=0.0, eval__every=0), tokenizer, 3)
+
+
+def test_validation_sequences_do_not_depend_on_the_world_size(tiny_config, tokenizer):
+    cfg = tiny_config(train__micro_batch_size=2)
+    single = torch.cat([x for x, _ in validation_batches(cfg, tokenizer, max_batches=4)])
+    shares = [validation_batches(cfg, tokenizer, 4, rank, 2) for rank in range(2)]
+    assert len(shares[0]) == len(shares[1]) == 2  # every rank evaluates as many batches
+    assert torch.equal(torch.cat([x for x, _ in shares[0]]), single[0::2])
+    assert torch.equal(torch.cat([x for x, _ in shares[1]]), single[1::2])

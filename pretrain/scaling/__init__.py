@@ -1,0 +1,1 @@
+"""Scaling arithmetic: memory per GPU now; laws, presets and the planner build on it."""

@@ -1,0 +1,72 @@
+"""Techniques applied from outside the model: activation checkpointing and torch.compile change
+how a step runs, never what it computes; initialisation does not depend on the backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.models import Transformer
+from pretrain.parallel import DistInfo, build_engine
+
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def engine_for(cfg):
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    return build_engine(model, cfg, CPU, "fp32")
+
+
+def loss_and_grads(engine, tokens):
+    logits = engine.model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in engine.model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode, wrapped", [("full", [0, 1, 2]), ("selective", [0, 2])])
+def test_activation_checkpointing_recomputes_the_same_gradients(tiny_config, mode, wrapped):
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+    plain = engine_for(tiny_config(model__n_layers=3))
+    checkpointed = engine_for(tiny_config(model__n_layers=3, parallel__activation_checkpointing=mode))
+    assert [i for i, layer in enumerate(checkpointed.model.layers)
+            if type(layer).__name__ == "CheckpointWrapper"] == wrapped
+    assert checkpointed.model.state_dict().keys() == plain.model.state_dict().keys()
+    loss, grads = loss_and_grads(plain, tokens)
+    loss_ac, grads_ac = loss_and_grads(checkpointed, tokens)
+    assert torch.equal(loss, loss_ac)
+    assert grads.keys() == {n.replace("_checkpoint_wrapped_module.", "") for n in grads_ac}
+    for name, grad in grads_ac.items():
+        assert torch.equal(grad, grads[name.replace("_checkpoint_wrapped_module.", "")]), name
+
+
+def test_tied_head_stays_tied_to_the_embedding_after_materialising(tiny_config):
+    """Leaving the meta device re-creates every parameter; the tie must survive it (an untied
+    head would start from uninitialised memory)."""
+    model = engine_for(tiny_config(model__tie_embeddings=True)).model
+    assert model.output.weight is model.tok_embeddings.weight
+    assert engine_for(tiny_config()).model.output.weight is not engine_for(tiny_config()).model.tok_embeddings.weight
+
+
+def test_initial_weights_do_not_depend_on_the_seeded_path(tiny_config):
+    """The init draws every weight at full size: the same seed gives the same model, another seed another."""
+    a = engine_for(tiny_config()).model.state_dict()
+    b = engine_for(tiny_config(parallel__activation_checkpointing="full")).model.state_dict()
+    c = engine_for(tiny_config(train__seed=1)).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["layers.0.attention.wq.weight"], c["layers.0.attention.wq.weight"])
+
+
+@pytest.mark.slow
+def test_compiled_blocks_compute_what_eager_blocks_do(tiny_config):
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+    loss, grads = loss_and_grads(engine_for(tiny_config()), tokens)
+    compiled = engine_for(tiny_config(parallel__compile=True))
+    loss_c, grads_c = loss_and_grads(compiled, tokens)
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
+               for layer in compiled.model.layers)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-6, msg=name)
