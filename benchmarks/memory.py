@@ -18,6 +18,7 @@ import gc
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,18 +46,24 @@ BACKENDS = {
 
 
 def live_tensor_bytes() -> int:
-    """Bytes of all distinct CPU tensor storages reachable by the garbage collector (a DTensor
-    wraps a local tensor, which is counted itself)."""
+    """Bytes of all distinct CPU tensor storages reachable by the garbage collector, plus the
+    parameters' gradients (a DTensor wraps a local tensor, which is counted itself)."""
     seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
+    with warnings.catch_warnings():  # isinstance() on some library objects warns about deprecations
+        warnings.simplefilter("ignore")
+        objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    # A gradient has no Python object until .grad is read, so the collector does not see it.
+    grads = [p.grad for p in objects if isinstance(p, torch.nn.Parameter) and p.grad is not None]
+    objects += grads + [t._local_tensor for t in grads if hasattr(t, "_local_tensor")]
+    for obj in objects:
+        if obj.device.type != "cpu":
             continue
         try:
             storage = obj.untyped_storage()
+            if storage.nbytes():
+                seen[storage.data_ptr()] = storage.nbytes()
         except (RuntimeError, NotImplementedError, TypeError):
-            continue  # wrapper subclasses without storage of their own
-        if storage.nbytes():
-            seen[storage.data_ptr()] = storage.nbytes()
+            continue  # wrapper subclasses (DTensor) and fake tensors own no storage
     return sum(seen.values())
 
 

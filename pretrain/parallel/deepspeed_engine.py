@@ -27,8 +27,13 @@ CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's files go to <checkpoint>/deepspeed/
 def deepspeed_config(cfg: Config, world_size: int, bf16: bool, pin_memory: bool) -> dict[str, Any]:
     """The DeepSpeed config for this job: ours, with `parallel.deepspeed` merged over it
     (validate() has rejected extra keys that would contradict ours)."""
-    p = cfg.parallel
-    zero: dict[str, Any] = {"stage": p.zero_stage}
+    p, width = cfg.parallel, cfg.model.d_model
+    # Buffers sized to the model as Hugging Face's DeepSpeed integration does ("auto"): DeepSpeed's
+    # fixed defaults (5e8 elements) allocate a 2 GB fp32 reduce buffer even for a small model.
+    zero: dict[str, Any] = {"stage": p.zero_stage, "reduce_bucket_size": width * width}
+    if p.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * width * width),
+                    stage3_param_persistence_threshold=10 * width)
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
     if p.offload_params:

@@ -177,8 +177,10 @@ def test_generated_deepspeed_config_follows_ours_and_merges_extra_keys():
     # demo: 2048 tokens = 16 sequences of 128 per step, micro-batches of 8, so 2 ranks need no accumulation
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 8, 1)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
-    assert ds["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False},
-                                       "reduce_bucket_size": 1000}
+    assert ds["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000,  # the user's value wins
+                                       "stage3_prefetch_bucket_size": int(0.9 * 256 * 256),
+                                       "stage3_param_persistence_threshold": 2560,
+                                       "offload_param": {"device": "cpu", "pin_memory": False}}
 
 
 def test_unreadable_file_and_bad_yaml(tmp_path):
