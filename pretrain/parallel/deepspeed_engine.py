@@ -111,6 +111,8 @@ class DeepSpeedEngine:
         import deepspeed
 
         module = self.engine.module
+        # Evaluation or sampling can leave ZeRO-3 prefetches in flight; settle them before gathering.
+        self.engine.empty_partition_cache()
         with deepspeed.zero.GatheredParameters(list(module.parameters())):
             if self.engine.global_rank != 0:
                 return {}
