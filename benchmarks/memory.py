@@ -126,8 +126,8 @@ def main() -> None:
             summary[backend] = got[1] / got[0]
             print(f"{backend:>8} | {got[0]:8.1f} {got[1]:8.1f} {got[1] / got[0]:6.2f} | {est[0]:10.1f} "
                   f"{est[1]:10.1f} {est[1] / est[0]:6.2f}", flush=True)
-    print(f"\npaper estimate, GiB per GPU of model states (bf16, AdamW) and activations of one micro-batch of "
-          f"4096 tokens with full activation checkpointing / without:\n")
+    print("\npaper estimate, GiB per GPU of model states (bf16, AdamW) and activations of one micro-batch of "
+          "4096 tokens with full activation checkpointing / without:\n")
     print("\n".join(estimate_table()))
     print("\nSUMMARY " + " ".join(f"{name}_2rank_over_1rank={ratio:.3f}" for name, ratio in summary.items()))
 

@@ -69,7 +69,7 @@ class CheckpointManager:
             (tmp / "config.yaml").write_text(config_yaml)
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             manifest = {"format_version": FORMAT_VERSION, "step": step, "tokens_seen": state.get("tokens_seen"),
-                        "engine": engine.checkpoint_format, "files": files}
+                        "engine": engine.checkpoint_format, "world_size": _world_size(), "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             publish(tmp, final)  # a re-run of the same step replaces the old copy
         _barrier()
@@ -91,6 +91,12 @@ class CheckpointManager:
             raise PretrainError(f"{path} holds a {written_by!r} checkpoint, which this run's backend cannot read "
                                 f"(it reads {engine.checkpoint_format!r}); resume it with {backends}, or start "
                                 "over with --checkpoint.resume=false or another out_dir")
+        written_at = manifest.get("world_size", 1)
+        if written_by == "deepspeed" and written_at != _world_size():
+            raise PretrainError(f"{path} is a DeepSpeed checkpoint written by {written_at} processes; DeepSpeed loads "
+                                f"it only at that world size (this run has {_world_size()}). Resume with "
+                                f"{written_at} processes, or train with parallel.backend=fsdp, whose checkpoints "
+                                "load at any world size")
         engine.load(path)
         state = torch.load(path / TRAINER_STATE, weights_only=True)
         log.info("resumed from %s (step %d)", path, manifest["step"])
@@ -108,6 +114,10 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _barrier() -> None:

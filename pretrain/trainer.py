@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.checkpoint import CheckpointManager, rng_state, set_rng_state
-from pretrain.config import Config, config_to_yaml, grad_accum_steps, save_config
+from pretrain.config import Config, ParallelConfig, config_to_yaml, grad_accum_steps, save_config
 from pretrain.data import IGNORE_INDEX, TrainData, load_or_train_tokenizer, open_sources, validation_batches
 from pretrain.generate import generate
 from pretrain.hardware import keep_freed_memory, memory_gib, peak_flops, resolve_precision
@@ -79,11 +79,11 @@ class Trainer:
         self.resume()
         log.info(
             "model: %.2fM parameters (%.2fM without embeddings), %.3g FLOPs/token | %s %s | "
-            "global batch %d tokens = %d micro-batches x %d x %d tokens x %d ranks | peak %.3g FLOP/s (%s)",
+            "global batch %d tokens = %d micro-batches x %d x %d tokens x %d ranks (%s) | peak %.3g FLOP/s (%s)",
             count_params(cfg.model) / 1e6, count_params(cfg.model, include_embeddings=False) / 1e6,
             self.flops_per_token, self.device, self.precision, cfg.train.global_batch_tokens,
             self.grad_accum, cfg.train.micro_batch_size, cfg.data.seq_len, self.dist.world_size,
-            self.peak_flops, peak_source,
+            backend_name(cfg.parallel), self.peak_flops, peak_source,
         )
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -235,6 +235,14 @@ class Trainer:
         self.metrics.close()
         if self.owns_process_group:
             destroy_process_group()
+
+
+def backend_name(p: ParallelConfig) -> str:
+    if p.backend == "deepspeed":
+        return f"deepspeed ZeRO-{p.zero_stage}"
+    if p.backend == "fsdp" and p.replicate > 1:
+        return f"fsdp, HSDP {p.replicate} replicas"
+    return p.backend
 
 
 def all_ranks_mean(value: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pretrain.config import Config, grad_accum_steps
+from pretrain.errors import PretrainError
 from pretrain.optim import build_optimizer, parameter_groups
 
 log = logging.getLogger(__name__)
@@ -124,4 +125,5 @@ class DeepSpeedEngine:
     def load(self, path: Path) -> None:
         loaded, _ = self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
         if loaded is None:
-            raise FileNotFoundError(f"no DeepSpeed state under {path / CHECKPOINT_TAG}")
+            raise PretrainError(f"{path / CHECKPOINT_TAG} holds no DeepSpeed state; the checkpoint is damaged, "
+                                "resume from an earlier one with --checkpoint.resume_from")
