@@ -60,6 +60,8 @@ BACKENDS = {
     "zero1": {"parallel__backend": "deepspeed", "parallel__zero_stage": 1},
     "zero2": {"parallel__backend": "deepspeed", "parallel__zero_stage": 2},
     "zero3": {"parallel__backend": "deepspeed", "parallel__zero_stage": 3},
+    # AdamW state and step on the CPU in DeepSpeedCPUAdam (its C++ op is built on first use)
+    "zero2-offload": {"parallel__backend": "deepspeed", "parallel__zero_stage": 2, "parallel__offload_optimizer": "true"},
 }
 
 

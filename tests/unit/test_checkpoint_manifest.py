@@ -27,17 +27,14 @@ def checkpoint(tmp_path, **manifest):
     return path
 
 
-def test_other_engine_kind_is_refused_with_the_backend_to_use(tmp_path):
-    path = checkpoint(tmp_path, engine="deepspeed", world_size=1)
-    engine = RecordingEngine("dcp")
-    with pytest.raises(PretrainError, match="holds a 'deepspeed' checkpoint.*resume it with parallel.backend=deepspeed"):
-        CheckpointManager(str(tmp_path), True).load(path, engine)
-    assert engine.loaded == []
-
-
-def test_deepspeed_checkpoint_at_another_world_size_is_refused(tmp_path):
-    path = checkpoint(tmp_path, engine="deepspeed", world_size=2)
-    engine = RecordingEngine("deepspeed")
-    with pytest.raises(PretrainError, match="written by 2 processes; DeepSpeed loads it only at that world size"):
+@pytest.mark.parametrize("written_by, world_size, reader, message", [
+    ("deepspeed", 1, "dcp", "holds a 'deepspeed' checkpoint.*resume it with parallel.backend=deepspeed"),
+    ("dcp", 1, "deepspeed", "holds a 'dcp' checkpoint.*resume it with parallel.backend=none, ddp or fsdp"),
+    ("deepspeed", 2, "deepspeed", "written by 2 processes; DeepSpeed loads it only at that world size"),
+])
+def test_checkpoint_the_engine_cannot_read_is_refused_with_the_fix(tmp_path, written_by, world_size, reader, message):
+    path = checkpoint(tmp_path, engine=written_by, world_size=world_size)
+    engine = RecordingEngine(reader)
+    with pytest.raises(PretrainError, match=message):
         CheckpointManager(str(tmp_path), True).load(path, engine)
     assert engine.loaded == []
