@@ -146,7 +146,9 @@ def test_slurm_script_starts_one_torchrun_per_node_meeting_on_the_first(tmp_path
     assert ("python3 -m torch.distributed.run --nnodes 2 --nproc_per_node 4 --rdzv_id 4242 --rdzv_backend c10d "
             "--rdzv_endpoint gpu-node-07:29500 -m pretrain train configs/demo.yaml --parallel.backend=fsdp "
             "--parallel.replicate=2") in line
-    assert launch("slurm.sbatch", "--help").stdout.startswith("Multi-node launch")
+    for script, first_line in (("slurm.sbatch", "Multi-node launch"), ("torchrun.sh", "Single-node launch")):
+        usage = launch(script, "--help").stdout
+        assert usage.startswith(first_line) and "set -euo" not in usage  # the comment block, not the code
 
 
 def test_prepared_shards_train_exactly_like_text_and_a_changed_mixture_names_the_override(
