@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 import re
 import typing
@@ -148,6 +149,10 @@ class ParallelConfig:
     compile: bool = option(False, "torch.compile each transformer block")
     timeout_s: float = option(600.0, "a collective that waits longer than this fails the job with an error "
                                      "naming the rank (instead of hanging)")
+
+    def mesh_shape(self, world_size: int) -> tuple[int, int]:
+        """(replicate, shard) of the FSDP mesh; shard defaults to world size / replicate."""
+        return self.replicate, self.shard or world_size // self.replicate
 
 
 @dataclass(frozen=True)
@@ -403,9 +408,9 @@ def _check_parallel(p: ParallelConfig, world_size: int) -> list[str]:
                         f"mesh but parallel.backend={p.backend!r}; use --parallel.backend=fsdp or drop them")
     elif p.replicate < 1 or (p.shard is not None and p.shard < 1):
         problems.append(f"parallel.replicate={p.replicate} and parallel.shard={p.shard} must be >= 1")
-    elif p.replicate * (p.shard or world_size // p.replicate) != world_size:
-        shard = p.shard or world_size // p.replicate
-        problems.append(f"parallel.replicate={p.replicate} x parallel.shard={shard} must equal the world size "
+    elif math.prod(p.mesh_shape(world_size)) != world_size:
+        problems.append(f"parallel.replicate={p.replicate} x parallel.shard={p.mesh_shape(world_size)[1]} must "
+                        f"equal the world size "
                         f"{world_size}; choose replicate in {_divisors(world_size)} and leave shard unset")
     if p.offload_params and not (p.backend == "deepspeed" and p.zero_stage == 3):
         problems.append(f"parallel.offload_params=true needs --parallel.backend=deepspeed --parallel.zero_stage=3 "

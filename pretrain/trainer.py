@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -27,6 +26,7 @@ from pretrain.parallel import (
     dist_info_from_env,
     init_process_group,
     main_rank_first,
+    sum_over_ranks,
 )
 
 log = logging.getLogger("pretrain")
@@ -86,10 +86,6 @@ class Trainer:
             backend_name(cfg.parallel), self.peak_flops, peak_source,
         )
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 compute where the backend wants autocast for it, else nothing."""
-        return self.engine.autocast()
-
     def train(self) -> None:
         """Run until train.stop_at (or max_steps), with logging, evaluation and samples on intervals."""
         with collective_failures_named(self.dist, self.cfg.parallel.timeout_s):
@@ -132,7 +128,7 @@ class Trainer:
         return time.perf_counter() - start
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm)."""
+        """One optimizer step over `grad_accum` micro-batches; returns (this rank's mean loss, grad norm)."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for inputs, labels, document_ids in self.train_data.next_step():
@@ -140,7 +136,7 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             if document_ids is not None:
                 document_ids = document_ids.to(self.device, non_blocking=True)
-            with self.autocast():
+            with self.engine.autocast():
                 logits = self.model(inputs, document_ids)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
             # Every micro-batch holds the same number of tokens, so the mean of means is the mean.
@@ -148,14 +144,14 @@ class Trainer:
             loss_sum += loss.detach()
         grad_norm = self.engine.step(self.cfg.optim.grad_clip)
         self.scheduler.step()
-        return all_ranks_mean(loss_sum / self.grad_accum), grad_norm
+        return loss_sum / self.grad_accum, grad_norm
 
     def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_seconds: float, last_step: int) -> None:
         tokens_per_s = self.cfg.train.global_batch_tokens / step_seconds
         self.metrics.log({
             "step": self.step,
             "max_steps": self.cfg.train.max_steps,
-            "loss": loss.item(),
+            "loss": (sum_over_ranks(loss) / self.dist.world_size).item(),  # each rank's share of the batch
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm.item(),
             "tokens": self.tokens_seen,
@@ -174,15 +170,13 @@ class Trainer:
         count = 0
         for inputs, labels in self.val_batches:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
-            with self.autocast():
+            with self.engine.autocast():
                 logits = self.model(inputs)
             loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                         ignore_index=IGNORE_INDEX, reduction="sum")
             count += (labels != IGNORE_INDEX).sum()
         self.model.train()
-        totals = torch.stack([loss_sum, count.to(loss_sum)])
-        if self.dist.world_size > 1:  # each rank evaluated its share of the batches
-            torch.distributed.all_reduce(totals)
+        totals = sum_over_ranks(torch.stack([loss_sum, count.to(loss_sum)]))  # each rank evaluated its share
         val_loss = (totals[0] / totals[1]).item()
         self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
                           "val_ppl": math.exp(min(val_loss, 50.0))})
@@ -194,7 +188,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.cfg.train.seed)
         samples = []
         self.model.eval()
-        with self.autocast():
+        with self.engine.autocast():
             for prompt in ev.sample_prompts:
                 new = generate(self.model, self.tokenizer.encode(prompt), ev.sample_tokens,
                                self.cfg.model.max_seq_len, ev.sample_top_k, ev.sample_temperature,
@@ -243,15 +237,6 @@ def backend_name(p: ParallelConfig) -> str:
     if p.backend == "fsdp" and p.replicate > 1:
         return f"fsdp, HSDP {p.replicate} replicas"
     return p.backend
-
-
-def all_ranks_mean(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a scalar over all ranks (each rank's loss covers its share of the batch)."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)  # gloo has no AVG
-        value /= torch.distributed.get_world_size()
-    return value
 
 
 def due(step: int, every: int) -> bool:

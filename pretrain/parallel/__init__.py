@@ -24,12 +24,14 @@ from pretrain.parallel.distributed import (
     init_process_group,
     main_rank_first,
     select_device,
+    sum_over_ranks,
 )
 from pretrain.parallel.engine import Engine, TorchEngine
 from pretrain.parallel.fsdp import apply_fsdp, build_mesh
 
 __all__ = ["DistInfo", "Engine", "build_engine", "collective_failures_named", "destroy_process_group",
-           "dist_info_from_env", "init_process_group", "main_rank_first", "materialize", "select_device"]
+           "dist_info_from_env", "init_process_group", "main_rank_first", "materialize", "select_device",
+           "sum_over_ranks"]
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,8 @@ def build_engine(model: nn.Module, cfg: Config, dist: DistInfo, precision: str) 
     if p.compile:
         apply_compile(model.layers)
     if p.backend == "fsdp":
-        shard = p.shard or dist.world_size // p.replicate
-        apply_fsdp(model, build_mesh(dist.device, p.replicate, shard), bf16, p.reshard_after_forward, p.cpu_offload)
+        mesh = build_mesh(dist.device, *p.mesh_shape(dist.world_size))
+        apply_fsdp(model, mesh, bf16, p.reshard_after_forward, p.cpu_offload)
     materialize(model, dist.device, cfg.train.seed)
     if p.backend == "deepspeed":
         from pretrain.parallel.deepspeed_engine import DeepSpeedEngine  # imports deepspeed: slow, only when used

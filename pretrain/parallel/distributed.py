@@ -80,6 +80,15 @@ def main_rank_first(info: DistInfo) -> Iterator[None]:
         dist.barrier()
 
 
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """`value` summed over all ranks (a new tensor; the value itself without a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total
+
+
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
