@@ -1,106 +1,262 @@
 """Checkpoints: out_dir/checkpoints/step_{step:08d}/, written whole or not at all.
 
-Model and optimizer are written by the parallel engine: through torch.distributed.checkpoint
-(DCP) for none/ddp/fsdp, so every rank saves its shards in parallel and a checkpoint loads at
-another world size; in DeepSpeed's own format for deepspeed. The small training state (step,
-tokens, schedule, data cursor, RNG) goes into trainer_state.pt."""
+Layout of one checkpoint (format_version 1):
+  manifest.json      written last: format_version, step, tokens_seen, engine, world_size,
+                     config_sha256 and every file's size. A directory without a readable manifest,
+                     or whose files differ from it, is not a checkpoint.
+  config.yaml        the resolved config of the run
+  tokenizer.model    the run's tokenizer, so the checkpoint is self-contained (export, eval)
+  trainer_state.pt   step, tokens seen, LR schedule and the data stream's position
+  rng/rank_NNNNN.pt  each rank's CPU (and CUDA) random state
+  model and optimizer: DCP files (.metadata, __R_N.distcp) for none/ddp/fsdp, with the model's own
+                     parameter names under "model." and the optimizer's under "optimizer.";
+                     DeepSpeed's engine checkpoint under deepspeed/ for deepspeed.
+
+Everything is written into .tmp_step_N/, flushed to disk, then renamed into place."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import pickle
+import shutil
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain.atomic_dir import publish, temporary_path, temporary_sibling
-from pretrain.errors import PretrainError
-from pretrain.parallel import Engine
+from pretrain.config import CheckpointConfig
+from pretrain.errors import CorruptCheckpoint, PretrainError
+from pretrain.parallel import DistInfo, Engine, side_group
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"  # written last, inside the temporary directory, before the rename
+MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.model"
+RNG_DIR = "rng"
+_STEP_GLOB = "step_*"
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
+def read_manifest(path: Path) -> dict | None:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("step"), int) else None
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first. Temporary directories and directories
-    without a readable manifest (a crash mid-write) are never returned."""
-    found = []
-    for path in root.glob("step_*"):
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict) and isinstance(manifest.get("step"), int):
-            found.append((manifest["step"], path))
+    """Checkpoints under `root` that have a readable manifest, oldest step first. Temporary
+    directories (a crash mid-write) never have one at their final name."""
+    found = [(manifest["step"], path) for path in root.glob(_STEP_GLOB) if (manifest := read_manifest(path))]
     return [path for _, path in sorted(found)]
 
 
+def damage(path: Path) -> str | None:
+    """Why `path` is not a whole checkpoint (no manifest, a file missing or of another size than
+    the manifest says), or None when it is."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        return f"no readable {MANIFEST}"
+    for name, size in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size} (truncated or overwritten)"
+    return None
+
+
+@dataclass
+class _PendingSave:
+    future: Future
+    tmp: Path
+    final: Path
+    step: int
+    manifest: dict
+    started: float
+
+
 class CheckpointManager:
-    """Saves and restores the model, the optimizer and a dict of small training state."""
+    """Saves (synchronously, or in the background with checkpoint.async), prunes and restores
+    checkpoints. Every method that takes an engine is called on every rank."""
 
-    def __init__(self, out_dir: str, is_main: bool):
+    def __init__(self, cfg: CheckpointConfig, out_dir: str, dist_info: DistInfo):
+        self.cfg, self.dist = cfg, dist_info
         self.root = Path(out_dir) / "checkpoints"
-        self.is_main = is_main
+        self.pending: _PendingSave | None = None
+        self.group = side_group() if cfg.async_save else None
+        if dist_info.is_main:
+            recover_interrupted_writes(self.root)
 
-    def latest(self) -> Path | None:
-        found = complete_checkpoints(self.root)
-        return found[-1] if found else None
+    # -- choosing ------------------------------------------------------------------------------
+    def resume_candidates(self) -> list[Path]:
+        """Where to resume from, best first: checkpoint.resume_from alone, else (with
+        checkpoint.resume) every whole checkpoint newest first, damaged ones skipped with a warning."""
+        if self.cfg.resume_from:
+            return [Path(self.cfg.resume_from)]
+        if not self.cfg.resume:
+            return []
+        candidates = []
+        for path in reversed(complete_checkpoints(self.root)):
+            problem = damage(path)
+            if problem:
+                if self.dist.is_main:
+                    log.warning("skipping damaged checkpoint %s: %s", path, problem)
+            else:
+                candidates.append(path)
+        return candidates
 
-    def save(self, step: int, engine: Engine, state: dict, config_yaml: str) -> Path:
-        """Write a checkpoint for `step` into a temporary directory, flush it to disk, then
-        rename it into place: a reader sees the whole checkpoint or none of it."""
+    # -- saving --------------------------------------------------------------------------------
+    def save(self, step: int, engine: Engine, state: dict, config_yaml: str, tokenizer_path: str) -> float:
+        """Write a checkpoint for `step`; returns the seconds the caller was blocked. With
+        checkpoint.async the model and optimizer are copied to memory and written by a background
+        thread: the checkpoint appears once `poll()` or `finish()` sees the write complete."""
         start = time.perf_counter()
+        self.finish()  # one write at a time
         final = checkpoint_dir(self.root, step)
-        tmp = temporary_sibling(final) if self.is_main else temporary_path(final)
+        tmp = temporary_sibling(final) if self.dist.is_main else temporary_path(final)
         _barrier()
+        (tmp / RNG_DIR).mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / RNG_DIR / f"rank_{self.dist.rank:05d}.pt")
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "tokens_seen": state.get("tokens_seen"),
+                    "engine": engine.checkpoint_format, "world_size": self.dist.world_size,
+                    "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest()}
+        if self.dist.is_main:
+            torch.save(state, tmp / TRAINER_STATE)
+            (tmp / CONFIG).write_text(config_yaml)
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        if self.cfg.async_save:
+            future = engine.save_async(tmp, self.group)
+            self.pending = _PendingSave(future, tmp, final, step, manifest, start)
+            return time.perf_counter() - start
         engine.save(tmp)
         _barrier()
-        if self.is_main:
-            torch.save(state, tmp / TRAINER_STATE)
-            (tmp / "config.yaml").write_text(config_yaml)
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            manifest = {"format_version": FORMAT_VERSION, "step": step, "tokens_seen": state.get("tokens_seen"),
-                        "engine": engine.checkpoint_format, "world_size": _world_size(), "files": files}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            publish(tmp, final)  # a re-run of the same step replaces the old copy
+        if self.dist.is_main:
+            self._publish(tmp, final, manifest, start)
         _barrier()
-        log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - start)
-        return final
+        return time.perf_counter() - start
 
-    def load(self, path: Path, engine: Engine) -> dict:
-        """Restore model and optimizer in place from `path`; return the training state dict."""
+    def poll(self) -> int | None:
+        """Publish a background write that has completed; returns its step (None if nothing was
+        published). Cheap: call it every step."""
+        if self.pending is None or not self.pending.future.done():
+            return None
+        return self._complete()
+
+    def finish(self) -> int | None:
+        """Wait for a background write and publish it (before exiting or saving again)."""
+        return self._complete() if self.pending is not None else None
+
+    def _complete(self) -> int:
+        pending, self.pending = self.pending, None
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, ValueError):
-            raise PretrainError(f"{path} is not a complete checkpoint (no readable {MANIFEST})") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise PretrainError(f"{path} has checkpoint format {manifest.get('format_version')}, this "
-                                f"version of pretrain reads format {FORMAT_VERSION}")
-        written_by = manifest.get("engine", "dcp")
-        if written_by != engine.checkpoint_format:
-            backends = "parallel.backend=deepspeed" if written_by == "deepspeed" else "parallel.backend=none, ddp or fsdp"
-            raise PretrainError(f"{path} holds a {written_by!r} checkpoint, which this run's backend cannot read "
-                                f"(it reads {engine.checkpoint_format!r}); resume it with {backends}, or start "
-                                "over with --checkpoint.resume=false or another out_dir")
-        written_at = manifest.get("world_size", 1)
-        if written_by == "deepspeed" and written_at != _world_size():
-            raise PretrainError(f"{path} is a DeepSpeed checkpoint written by {written_at} processes; DeepSpeed loads "
-                                f"it only at that world size (this run has {_world_size()}). Resume with "
-                                f"{written_at} processes, or train with parallel.backend=fsdp, whose checkpoints "
-                                "load at any world size")
-        engine.load(path)
-        state = torch.load(path / TRAINER_STATE, weights_only=True)
+            pending.future.result()
+        except Exception as exc:
+            raise PretrainError(f"writing checkpoint {pending.final} failed ({exc}); the previous checkpoints "
+                                "are intact. Check free disk space and permissions of out_dir") from exc
+        if self.dist.is_main:  # DCP completes the future once every rank's shards are written
+            self._publish(pending.tmp, pending.final, pending.manifest, pending.started)
+        return pending.step
+
+    def _publish(self, tmp: Path, final: Path, manifest: dict, started: float) -> None:
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {**manifest, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        publish(tmp, final)  # a re-run of the same step replaces the old copy
+        megabytes = sum(files.values()) / 1e6
+        log.info("saved checkpoint %s (%.1f MB in %.1fs)", final, megabytes, time.perf_counter() - started)
+        self.prune(keep=final)
+
+    def prune(self, keep: Path | None = None) -> None:
+        """Delete checkpoints beyond checkpoint.keep_last, except multiples of checkpoint.keep_every,
+        the newest and `keep`. The manifest goes first, so a crash mid-delete leaves no directory
+        that looks complete."""
+        if not self.cfg.keep_last:
+            return
+        complete = complete_checkpoints(self.root)
+        kept = set(complete[-self.cfg.keep_last:]) | {keep}
+        every = self.cfg.keep_every
+        for path in complete:
+            if path in kept or (every and read_manifest(path)["step"] % every == 0):
+                continue
+            (path / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed checkpoint %s (checkpoint.keep_last=%d)", path, self.cfg.keep_last)
+
+    # -- restoring -----------------------------------------------------------------------------
+    def load(self, path: Path, engine: Engine) -> dict:
+        """Restore model and optimizer in place from `path` and this rank's random state; return
+        the training state dict. A checkpoint that does not fit this run raises PretrainError
+        (before anything is restored); a damaged one raises CorruptCheckpoint."""
+        manifest = read_manifest(path)
+        problem = damage(path)
+        if manifest is None or problem:
+            raise CorruptCheckpoint(f"{path} is not a complete checkpoint ({problem})")
+        check_compatible(path, manifest, engine, self.dist.world_size)
+        try:
+            engine.load(path)
+            state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+            rng_file = path / RNG_DIR / f"rank_{self.dist.rank:05d}.pt"
+            same_ranks = manifest.get("world_size") == self.dist.world_size and rng_file.is_file()
+            rng = torch.load(rng_file, weights_only=True) if same_ranks else None
+        except (CheckpointException, RuntimeError, OSError, EOFError, ValueError, KeyError,
+                pickle.UnpicklingError) as exc:
+            raise CorruptCheckpoint(f"{path} could not be read: {str(exc).splitlines()[0][:300]}") from exc
+        if rng is not None:
+            set_rng_state(rng)
+        elif self.dist.is_main:
+            log.info("the checkpoint was written by %s ranks, this run has %d: random states start afresh "
+                     "(the data order and the model do not depend on them)", manifest.get("world_size"),
+                     self.dist.world_size)
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return state
+
+
+def check_compatible(path: Path, manifest: dict, engine: Engine, world_size: int) -> None:
+    """Refuse, with the fix, a checkpoint this engine cannot read."""
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PretrainError(f"{path} has checkpoint format {manifest.get('format_version')}, this "
+                            f"version of pretrain reads format {FORMAT_VERSION}")
+    written_by = manifest.get("engine", "dcp")
+    if written_by != engine.checkpoint_format:
+        backends = "parallel.backend=deepspeed" if written_by == "deepspeed" else "parallel.backend=none, ddp or fsdp"
+        raise PretrainError(f"{path} holds a {written_by!r} checkpoint, which this run's backend cannot read "
+                            f"(it reads {engine.checkpoint_format!r}); resume it with {backends}, or start "
+                            "over with --checkpoint.resume=false or another out_dir")
+    written_at = manifest.get("world_size", 1)
+    if written_by == "deepspeed" and written_at != world_size:
+        raise PretrainError(f"{path} is a DeepSpeed checkpoint written by {written_at} processes; DeepSpeed loads "
+                            f"it only at that world size (this run has {world_size}); pretrain does not yet convert "
+                            "it to DeepSpeed's universal-checkpoint format, which could. Resume with "
+                            f"{written_at} processes, or train with parallel.backend=fsdp, whose checkpoints "
+                            "load at any world size")
+
+
+def recover_interrupted_writes(root: Path) -> None:
+    """Clear what a crash mid-write left behind: temporary directories are dropped; a checkpoint
+    moved aside to be replaced (`.old_step_N`) is put back if its replacement never arrived."""
+    for leftover in root.glob(".tmp_" + _STEP_GLOB):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for old in root.glob(".old_" + _STEP_GLOB):
+        final = old.with_name(old.name.removeprefix(".old_"))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(final)
 
 
 def rng_state() -> dict:
@@ -114,10 +270,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _barrier() -> None:

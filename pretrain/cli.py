@@ -104,8 +104,7 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     dist = dist_info_from_env(cfg.train.device)
     setup_logging(dist.rank, cfg.logging.all_ranks)
-    Trainer(cfg, dist).train()
-    return 0
+    return Trainer(cfg, dist).train()
 
 
 def run_config(args: argparse.Namespace, extra: list[str]) -> int:

@@ -23,6 +23,7 @@ from pretrain.config_parse import (
     parse_overrides,
     to_dict,
     type_name,
+    yaml_key,
 )
 from pretrain.errors import ConfigError
 from pretrain.models.args import ModelArgs
@@ -160,6 +161,13 @@ class CheckpointConfig:
     every: int = option(0, "save every N steps and at the end into out_dir/checkpoints/step_NNNNNNNN/ (0 = off)")
     resume: bool = option(True, "continue from the newest complete checkpoint in out_dir if there is one")
     resume_from: str | None = option(None, "continue from this checkpoint directory instead")
+    keep_last: int = option(0, "keep only the newest K complete checkpoints (0 = keep all)")
+    keep_every: int = option(0, "also keep every checkpoint whose step is a multiple of N forever (0 = none)")
+    async_save: bool = option(False, "write checkpoints in the background while training goes on (not with "
+                                     "parallel.backend=deepspeed)", key="async")
+    init_from: str | None = option(None, "start a new run from these weights (a checkpoint directory, or a `pretrain "
+                                         "export` directory of format torch or hf); the optimizer starts fresh. "
+                                         "Ignored when the run resumes from a checkpoint of its own")
 
 
 @dataclass(frozen=True)
@@ -240,13 +248,20 @@ def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Con
     if cfg.model.vocab_size < cfg.tokenizer.vocab_size:
         problems.append(f"model.vocab_size={cfg.model.vocab_size} is smaller than tokenizer.vocab_size="
                         f"{cfg.tokenizer.vocab_size}; set model.vocab_size >= {cfg.tokenizer.vocab_size}")
-    for key in ("eval.every", "checkpoint.every", "logging.every", "eval.batches", "eval.sample_tokens"):
+    for key in ("eval.every", "checkpoint.every", "logging.every", "eval.batches", "eval.sample_tokens",
+                "checkpoint.keep_last", "checkpoint.keep_every"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             problems.append(f"{key}={getattr(getattr(cfg, section), name)} must be >= 0 (0 turns it off)")
     if cfg.checkpoint.resume_from and not os.path.isdir(cfg.checkpoint.resume_from):
         problems.append(f"checkpoint.resume_from={cfg.checkpoint.resume_from!r} is not a directory; "
                         "give a checkpoint such as out_dir/checkpoints/step_00001000")
+    if cfg.checkpoint.init_from and not os.path.exists(cfg.checkpoint.init_from):
+        problems.append(f"checkpoint.init_from={cfg.checkpoint.init_from!r} does not exist; give a checkpoint "
+                        "directory or a `pretrain export` directory (format torch or hf)")
+    if cfg.checkpoint.async_save and cfg.parallel.backend == "deepspeed":
+        problems.append("checkpoint.async=true needs a DCP backend (none, ddp, fsdp): DeepSpeed writes its "
+                        "checkpoints synchronously; set --checkpoint.async=false")
     if cfg.eval.sample_top_k < 1:
         problems.append(f"eval.sample_top_k={cfg.eval.sample_top_k} must be >= 1 (1 = greedy)")
     if cfg.eval.every > 0 and cfg.data.val_fraction == 0:
@@ -481,7 +496,7 @@ def config_reference() -> str:
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            key = f"{prefix}{f.name}"
+            key = f"{prefix}{yaml_key(f)}"
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):
                 lines.append(f"\n  [{key}] {f.metadata.get('help', '')}")

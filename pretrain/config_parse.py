@@ -15,11 +15,19 @@ from typing import Any, Literal
 import yaml
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a one-line help text (shown by `pretrain train --help`)."""
+def option(default: Any, help: str, key: str | None = None) -> Any:
+    """A dataclass field with a one-line help text (shown by `pretrain train --help`). `key` is
+    its name in YAML and overrides when that differs from the field's (a Python keyword such as
+    `async`)."""
+    metadata = {"help": help, **({"key": key} if key else {})}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def yaml_key(f: dataclasses.Field) -> str:
+    """The name of field `f` in YAML and in overrides."""
+    return f.metadata.get("key", f.name)
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -95,7 +103,7 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         problems.append(f"{prefix or 'the config'} must be a mapping of keys to values, got {data!r}")
         data = {}
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {yaml_key(f): f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
             where = f"{prefix}.{key}" if prefix else str(key)
@@ -109,9 +117,9 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         if name in data:
             before = len(problems)
-            converted = convert(data[name], hints[name], key, problems)
+            converted = convert(data[name], hints[spec.name], key, problems)
             if len(problems) == before:
-                values[name] = converted
+                values[spec.name] = converted
         elif spec.default is MISSING and spec.default_factory is MISSING:
             problems.append(f"{key} is required")
     try:
@@ -195,4 +203,8 @@ def to_dict(obj: Any) -> Any:
     """A dataclass tree (or a list of them) as plain dicts and lists, for YAML output."""
     if isinstance(obj, list):
         return [to_dict(item) for item in obj]
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj):
+        return {yaml_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return copy.deepcopy(obj)

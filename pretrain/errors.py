@@ -21,3 +21,12 @@ class ConfigError(PretrainError):
         lines = [f"invalid configuration{where} ({len(self.problems)} problem(s)):"]
         lines += [f"  - {problem}" for problem in self.problems]
         super().__init__("\n".join(lines))
+
+
+class CorruptCheckpoint(PretrainError):
+    """A checkpoint that is truncated or damaged: resuming falls back to the previous one."""
+
+
+# `pretrain train` exits with this after saving a checkpoint on SIGTERM/SIGUSR1 (EX_TEMPFAIL:
+# "try again later"), so a launcher can tell a preempted run from a failed one and requeue it.
+PREEMPTED_EXIT_CODE = 75

@@ -10,16 +10,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pretrain.checkpoint import CheckpointManager, rng_state, set_rng_state
+from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, ParallelConfig, config_to_yaml, grad_accum_steps, save_config
 from pretrain.data import IGNORE_INDEX, TrainData, load_or_train_tokenizer, open_sources, validation_batches
+from pretrain.errors import PREEMPTED_EXIT_CODE, CorruptCheckpoint, PretrainError
 from pretrain.generate import generate
 from pretrain.hardware import keep_freed_memory, memory_gib, peak_flops, resolve_precision
 from pretrain.metrics import MetricLogger
 from pretrain.models import Transformer, count_params, flops_per_token
 from pretrain.optim import build_scheduler
+from pretrain.preemption import PreemptionSignals
 from pretrain.parallel import (
     DistInfo,
+    any_rank,
     build_engine,
     collective_failures_named,
     destroy_process_group,
@@ -54,9 +57,18 @@ class Trainer:
         sources = open_sources(cfg.data)  # lists every file: a missing one fails before any compute
         with main_rank_first(self.dist):  # one rank trains a missing tokenizer, the others load it
             self.tokenizer = load_or_train_tokenizer(cfg, sources)
+        self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist)
+        resume_candidates = self.checkpoints.resume_candidates()
+        initial_weights = None
+        if cfg.checkpoint.init_from and not resume_candidates:
+            from pretrain.export.weights import load_weights
+
+            initial_weights = load_weights(Path(cfg.checkpoint.init_from))
+            log.info("initial weights from %s (checkpoint.init_from)", cfg.checkpoint.init_from)
         with torch.device("meta"):
             model = Transformer(cfg.model)
-        self.engine = build_engine(model, cfg, self.dist, self.precision)
+        self.engine = build_engine(model, cfg, self.dist, self.precision, initial_weights)
+        del initial_weights
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         # Identical init on every rank (above); from here on each rank draws its own random numbers.
         torch.manual_seed(cfg.train.seed + self.dist.rank)
@@ -75,8 +87,9 @@ class Trainer:
             self.peak_flops, peak_source = peak_flops(self.device, self.precision)
         self.step = 0
         self.tokens_seen = 0
-        self.checkpoints = CheckpointManager(cfg.out_dir, self.dist.is_main)
-        self.resume()
+        self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote
+        self.exit_code = 0  # PREEMPTED_EXIT_CODE once a preemption signal stopped the run
+        self.resume(resume_candidates)
         log.info(
             "model: %.2fM parameters (%.2fM without embeddings), %.3g FLOPs/token | %s %s | "
             "global batch %d tokens = %d micro-batches x %d x %d tokens x %d ranks (%s) | peak %.3g FLOP/s (%s)",
@@ -86,12 +99,14 @@ class Trainer:
             backend_name(cfg.parallel), self.peak_flops, peak_source,
         )
 
-    def train(self) -> None:
-        """Run until train.stop_at (or max_steps), with logging, evaluation and samples on intervals."""
-        with collective_failures_named(self.dist, self.cfg.parallel.timeout_s):
-            self._train()
+    def train(self) -> int:
+        """Run until train.stop_at (or max_steps), with logging, evaluation and samples on
+        intervals; returns the process exit code (PREEMPTED_EXIT_CODE after a preemption signal)."""
+        with collective_failures_named(self.dist, self.cfg.parallel.timeout_s), PreemptionSignals() as signals:
+            self._train(signals)
+        return self.exit_code
 
-    def _train(self) -> None:
+    def _train(self, signals: PreemptionSignals) -> None:
         cfg = self.cfg
         last_step = cfg.train.stop_at or cfg.train.max_steps
         if self.step >= last_step:
@@ -113,6 +128,10 @@ class Trainer:
                 self.log_step(loss, grad_norm, elapsed / interval_steps, last_step)
                 interval_start, interval_steps = time.perf_counter(), 0
             interval_start += self.run_interval_actions(last_step)  # not training time: excluded
+            if any_rank(signals.requested is not None) and self.step < last_step:
+                self.stop_for_preemption()
+                return
+        self.checkpoints.finish()
         if cfg.eval.sample_tokens:
             self.write_samples()
         self.close()
@@ -125,7 +144,18 @@ class Trainer:
             self.evaluate()
         if cfg.checkpoint.every and (due(self.step, cfg.checkpoint.every) or final):
             self.save_checkpoint()
+        self.checkpoints.poll()  # publishes a background write that has completed
         return time.perf_counter() - start
+
+    def stop_for_preemption(self) -> None:
+        """Save a checkpoint of the step just finished (unless there is one) and stop."""
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        self.checkpoints.finish()
+        log.warning("preempted: stopped after step %d with a checkpoint; exiting with code %d so the job is "
+                    "requeued (it resumes from that checkpoint)", self.step, PREEMPTED_EXIT_CODE)
+        self.exit_code = PREEMPTED_EXIT_CODE
+        self.close()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `grad_accum` micro-batches; returns (this rank's mean loss, grad norm)."""
@@ -206,25 +236,42 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything besides model and optimizer that a bit-exact resume needs."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
-                "data": self.train_data.state_dict(), "rng": rng_state()}
+                "data": self.train_data.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_data.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
 
-    def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(self.step, self.engine, self.state_dict(), config_to_yaml(self.cfg))
+    def save_checkpoint(self) -> None:
+        blocked = self.checkpoints.save(self.step, self.engine, self.state_dict(), config_to_yaml(self.cfg),
+                                        self.tokenizer.path)
+        self.saved_step = self.step
+        self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "checkpoint_blocked_s": blocked,
+                          "checkpoint_async": self.cfg.checkpoint.async_save})
 
-    def resume(self) -> None:
-        """Continue from checkpoint.resume_from, else (with checkpoint.resume) the newest checkpoint."""
-        ck = self.cfg.checkpoint
-        path = Path(ck.resume_from) if ck.resume_from else (self.checkpoints.latest() if ck.resume else None)
-        if path is not None:
-            self.load_state_dict(self.checkpoints.load(path, self.engine))
+    def resume(self, candidates: list[Path]) -> None:
+        """Continue from the first candidate checkpoint that loads; a damaged one is skipped
+        with a warning in favour of the next (older) one."""
+        problems = []
+        for path in candidates:
+            try:
+                self.load_state_dict(self.checkpoints.load(path, self.engine))
+                self.saved_step = self.step
+                return
+            except CorruptCheckpoint as exc:
+                if len(candidates) == 1:
+                    raise
+                problems.append(str(exc))
+                if self.dist.is_main:
+                    log.warning("%s; trying the previous checkpoint", exc)
+        if candidates:
+            raise PretrainError("no checkpoint in {} could be loaded:\n  - {}\nStart over with "
+                                "--checkpoint.resume=false, or restore a checkpoint".format(
+                                    self.checkpoints.root, "\n  - ".join(problems)))
 
     def close(self) -> None:
+        self.checkpoints.finish()
         self.train_data.close()
         self.metrics.close()
         if self.owns_process_group:

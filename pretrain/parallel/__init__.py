@@ -9,36 +9,42 @@ import logging
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor.experimental import implicit_replication
 
 from pretrain.config import Config
+from pretrain.export.weights import check_shapes
 from pretrain.optim import build_optimizer
 from pretrain.parallel.activation import apply_activation_checkpointing
 from pretrain.parallel.compile import apply_compile
 from pretrain.parallel.ddp import apply_ddp
 from pretrain.parallel.distributed import (
     DistInfo,
+    any_rank,
     collective_failures_named,
     destroy_process_group,
     dist_info_from_env,
     init_process_group,
     main_rank_first,
     select_device,
+    side_group,
     sum_over_ranks,
 )
 from pretrain.parallel.engine import Engine, TorchEngine
 from pretrain.parallel.fsdp import apply_fsdp, build_mesh
 
-__all__ = ["DistInfo", "Engine", "build_engine", "collective_failures_named", "destroy_process_group",
+__all__ = ["DistInfo", "Engine", "any_rank", "build_engine", "collective_failures_named", "destroy_process_group",
            "dist_info_from_env", "init_process_group", "main_rank_first", "materialize", "select_device",
-           "sum_over_ranks"]
+           "side_group", "sum_over_ranks"]
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(model: nn.Module, cfg: Config, dist: DistInfo, precision: str) -> Engine:
+def build_engine(model: nn.Module, cfg: Config, dist: DistInfo, precision: str,
+                 initial_weights: dict[str, torch.Tensor] | None = None) -> Engine:
     """Parallelize `model` (a Transformer built on the meta device) as cfg.parallel says, give it
-    real storage and seeded initial weights, and pair it with its optimizer."""
+    real storage and seeded initial weights (or `initial_weights`, a full state dict by parameter
+    name), and pair it with its optimizer."""
     p, bf16 = cfg.parallel, precision == "bf16"
     apply_activation_checkpointing(model.layers, p.activation_checkpointing, p.ac_every)
     if p.compile:
@@ -47,6 +53,8 @@ def build_engine(model: nn.Module, cfg: Config, dist: DistInfo, precision: str) 
         mesh = build_mesh(dist.device, *p.mesh_shape(dist.world_size))
         apply_fsdp(model, mesh, bf16, p.reshard_after_forward, p.cpu_offload)
     materialize(model, dist.device, cfg.train.seed)
+    if initial_weights is not None:  # before DeepSpeed copies the weights into its own buffers
+        load_full_weights(model, initial_weights, cfg.checkpoint.init_from)
     if p.backend == "deepspeed":
         from pretrain.parallel.deepspeed_engine import DeepSpeedEngine  # imports deepspeed: slow, only when used
 
@@ -73,6 +81,14 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
     torch.manual_seed(seed)
     with torch.no_grad(), implicit_replication():
         model.init_weights()
+
+
+def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a full state dict into `model`, plain or FSDP-sharded (each rank keeps its slice);
+    a parameter whose shape differs is named in the error."""
+    expected = {name: value.shape for name, value in get_model_state_dict(model).items()}
+    check_shapes(expected, weights, source)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
 def shared_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:

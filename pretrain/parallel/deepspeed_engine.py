@@ -18,7 +18,9 @@ from torch import nn
 
 from pretrain.config import Config, grad_accum_steps
 from pretrain.errors import PretrainError
+from pretrain.export.weights import check_shapes
 from pretrain.optim import build_optimizer, parameter_groups
+from pretrain.safe_load import weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +124,17 @@ class DeepSpeedEngine:
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, save_latest=False)
 
+    def parameter_shapes(self) -> dict[str, torch.Size]:
+        """Full shapes (ZeRO-3 keeps each parameter's in `ds_shape`; its tensor is a shard)."""
+        return {name: getattr(p, "ds_shape", p.shape) for name, p in self.engine.module.named_parameters()}
+
     def load(self, path: Path) -> None:
-        loaded, _ = self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
+        with weights_only_loads():
+            files = sorted((path / CHECKPOINT_TAG).glob("*model_states.pt"))
+            if files:  # every rank's file records the full shapes of all parameters
+                saved = torch.load(files[0], map_location="cpu", weights_only=True).get("param_shapes") or []
+                check_shapes(self.parameter_shapes(), {k: v for group in saved for k, v in group.items()}, str(path))
+            loaded, _ = self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
         if loaded is None:
             raise PretrainError(f"{path / CHECKPOINT_TAG} holds no DeepSpeed state; the checkpoint is damaged, "
                                 "resume from an earlier one with --checkpoint.resume_from")

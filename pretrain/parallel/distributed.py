@@ -62,7 +62,9 @@ def init_process_group(info: DistInfo, timeout_s: float, always: bool = False) -
         # Without async error handling a timed-out NCCL collective blocks forever; with it the
         # watchdog aborts the process and logs the rank and the collective.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group("nccl", device_id=info.device, **kwargs)
+        # gloo beside NCCL for CPU tensors: the preemption flag is agreed on without a GPU sync,
+        # and DCP's asynchronous save requires a CPU backend.
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=info.device, **kwargs)
     else:
         dist.init_process_group("gloo", **kwargs)
     return True
@@ -87,6 +89,22 @@ def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
     total = value.clone()
     dist.all_reduce(total)
     return total
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on at least one rank (a CPU collective, no device sync)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def side_group() -> dist.ProcessGroup | None:
+    """A separate gloo group for collectives issued from a background thread (an asynchronous
+    checkpoint), which must not interleave with the training loop's on the default group.
+    Call on every rank at the same point; None without a process group."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
 
 
 def destroy_process_group() -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -22,6 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.tensor import DTensor
+
+from pretrain.export.weights import check_shapes
+from pretrain.safe_load import SafeFileSystemReader
 
 
 class Engine(Protocol):
@@ -33,7 +38,8 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self, max_norm: float) -> torch.Tensor: ...
     def save(self, path: Path) -> None: ...
-    def load(self, path: Path) -> None: ...
+    def load(self, path: Path) -> None: ...  # refuses a checkpoint whose parameter shapes differ, naming one
+    def parameter_shapes(self) -> dict[str, torch.Size]: ...  # full (unsharded) shape by parameter name
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
 
 
@@ -65,15 +71,32 @@ class TorchEngine:
 
     def save(self, path: Path) -> None:
         """Every rank writes its own shards in parallel (DCP); the result loads at any world size."""
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
         with _quiet_single_process():
-            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+            dcp.save(self._state(), checkpoint_id=str(path))
+
+    def save_async(self, path: Path, group: dist.ProcessGroup | None) -> Future:
+        """Copy this rank's state to CPU memory now, write it in a background thread whose
+        collectives run on `group` (not the training loop's); the future completes on every rank
+        once the checkpoint's metadata is written, i.e. all ranks' shards are on disk."""
+        with _quiet_single_process():
+            return dcp.async_save(self._state(), checkpoint_id=str(path), process_group=group)
+
+    def _state(self) -> dict:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optim_state}
+
+    def parameter_shapes(self) -> dict[str, torch.Size]:
+        return {name: value.shape for name, value in get_model_state_dict(self.model).items()}
 
     def load(self, path: Path) -> None:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
+        reader = SafeFileSystemReader(str(path))
+        metadata = reader.read_metadata()
+        stored = {key.removeprefix("model."): entry.size for key, entry in metadata.state_dict_metadata.items()
+                  if key.startswith("model.") and hasattr(entry, "size")}
+        check_shapes(self.parameter_shapes(), stored, str(path))
+        state = self._state()
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=reader)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -7,8 +7,12 @@ import json
 
 import pytest
 
+import torch
+
 from pretrain.checkpoint import FORMAT_VERSION, MANIFEST, CheckpointManager
+from pretrain.config import CheckpointConfig
 from pretrain.errors import PretrainError
+from pretrain.parallel import DistInfo
 
 
 class RecordingEngine:
@@ -36,5 +40,5 @@ def test_checkpoint_the_engine_cannot_read_is_refused_with_the_fix(tmp_path, wri
     path = checkpoint(tmp_path, engine=written_by, world_size=world_size)
     engine = RecordingEngine(reader)
     with pytest.raises(PretrainError, match=message):
-        CheckpointManager(str(tmp_path), True).load(path, engine)
+        CheckpointManager(CheckpointConfig(), str(tmp_path), DistInfo(0, 0, 1, torch.device("cpu"))).load(path, engine)
     assert engine.loaded == []

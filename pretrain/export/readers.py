@@ -1,0 +1,133 @@
+"""Reading a training checkpoint outside training: its manifest, its config, and its weights a
+few tensors at a time, from either checkpoint format (DCP or DeepSpeed).
+
+Nothing here joins a process group or unpickles code: DCP's metadata goes through
+SafeFileSystemReader, DeepSpeed's files are read under weights_only_loads()."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from pretrain.config import Config, load_config
+from pretrain.errors import PretrainError
+from pretrain.export.names import strip_wrappers
+
+MANIFEST = "manifest.json"  # pretrain.checkpoint.MANIFEST; not imported: that pulls in the parallel stack
+DEEPSPEED_TAG = "deepspeed"  # pretrain.parallel.deepspeed_engine.CHECKPOINT_TAG
+DCP_MODEL_PREFIX = "model."  # TorchEngine.save() stores {"model": ..., "optimizer": ...}
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    """The checkpoint's manifest.json; a directory without a readable one is not a complete checkpoint."""
+    try:
+        manifest = json.loads((ckpt_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("step"), int):
+        raise PretrainError(f"{ckpt_dir} is not a complete checkpoint (no readable {MANIFEST}); pass a directory "
+                            "like OUT_DIR/checkpoints/step_00001000 (a crash while saving leaves an incomplete one: "
+                            "take the previous step)")
+    return manifest
+
+
+def checkpoint_config(ckpt_dir: Path) -> Config:
+    """The resolved run config saved with the checkpoint (the model's shape comes from it)."""
+    path = ckpt_dir / "config.yaml"
+    if not path.is_file():
+        raise PretrainError(f"{path} is missing: the checkpoint does not say what model it holds")
+    return load_config(str(path), [], world_size=1)
+
+
+def checkpoint_tokenizer(ckpt_dir: Path, cfg: Config) -> Path:
+    """The sentencepiece model the run trained with: the checkpoint's copy, else the run's tokenizer.path."""
+    for path in (ckpt_dir / "tokenizer.model", Path(cfg.tokenizer_path)):
+        if path.is_file():
+            return path
+    raise PretrainError(f"no tokenizer for {ckpt_dir}: neither {ckpt_dir / 'tokenizer.model'} nor the run's "
+                        f"tokenizer.path {cfg.tokenizer_path} exists; copy the tokenizer the run used to "
+                        f"{ckpt_dir / 'tokenizer.model'}")
+
+
+class WeightReader(Protocol):
+    shapes: dict[str, torch.Size]  # canonical parameter name -> shape, as stored
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, fp32 on the CPU."""
+        ...
+
+
+def open_reader(ckpt_dir: Path, manifest: dict) -> WeightReader:
+    engine = manifest.get("engine", "dcp")
+    if engine == "dcp":
+        return DcpReader(ckpt_dir)
+    if engine == "deepspeed":
+        return DeepSpeedReader(ckpt_dir)
+    raise PretrainError(f"{ckpt_dir / MANIFEST} names engine {engine!r}; this version of pretrain reads 'dcp' and "
+                        "'deepspeed' checkpoints")
+
+
+class DcpReader:
+    """A torch.distributed.checkpoint directory, read in this process only: each read() loads just
+    the requested tensors, whatever world size wrote them and however they were sharded."""
+
+    def __init__(self, ckpt_dir: Path):
+        from pretrain.safe_load import SafeFileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = ckpt_dir
+        self._reader_type = SafeFileSystemReader
+        metadata = SafeFileSystemReader(str(ckpt_dir)).read_metadata()
+        self._keys: dict[str, str] = {}  # canonical name -> key in the checkpoint
+        self.shapes = {}
+        for key, item in metadata.state_dict_metadata.items():
+            if key.startswith(DCP_MODEL_PREFIX) and isinstance(item, TensorStorageMetadata):
+                name = strip_wrappers(key[len(DCP_MODEL_PREFIX):])
+                self._keys[name], self.shapes[name] = key, item.size
+        if not self.shapes:
+            raise PretrainError(f"{ckpt_dir} holds no model weights (no '{DCP_MODEL_PREFIX}*' tensors in its "
+                                ".metadata); the checkpoint is damaged or was not written by pretrain")
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        import torch.distributed.checkpoint as dcp
+
+        state = {self._keys[n]: torch.empty(self.shapes[n], dtype=torch.float32) for n in names}
+        with warnings.catch_warnings():  # DCP warns that no process group exists: intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            # no_dist: only this process reads, even inside a distributed job (init_from on rank 0)
+            dcp.load(state, storage_reader=self._reader_type(str(self.path)), no_dist=True)
+        return {n: state[self._keys[n]] for n in names}
+
+
+class DeepSpeedReader:
+    """A DeepSpeed ZeRO checkpoint (any stage, the world size that wrote it) through DeepSpeed's
+    own zero_to_fp32, in lazy mode: ZeRO-3 partitions are memory-mapped and a parameter is
+    assembled only when read (stages 1-2 are merged in memory by DeepSpeed)."""
+
+    def __init__(self, ckpt_dir: Path):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from pretrain.safe_load import weights_only_loads
+
+        if not (ckpt_dir / DEEPSPEED_TAG).is_dir():
+            raise PretrainError(f"{ckpt_dir} is a DeepSpeed checkpoint without its {DEEPSPEED_TAG}/ directory; "
+                                "the checkpoint is damaged, use an earlier one")
+        # zero_to_fp32 prints progress to stdout, which belongs to the command's own output.
+        with weights_only_loads(), contextlib.redirect_stdout(sys.stderr):
+            try:
+                lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DEEPSPEED_TAG, lazy_mode=True)
+            except (ValueError, FileNotFoundError, RuntimeError) as exc:
+                raise PretrainError(f"{ckpt_dir / DEEPSPEED_TAG}: DeepSpeed cannot read this checkpoint ({exc}); "
+                                    "it is damaged or incomplete, use an earlier one") from exc
+        self._lazy = {strip_wrappers(k): v for k, v in lazy.items()}
+        self.shapes = {name: torch.Size(v.shape) for name, v in self._lazy.items()}
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        # .contiguous() assembles a lazy ZeRO-3 parameter from every rank's partition.
+        return {n: self._lazy[n].contiguous().to(torch.float32) for n in names}
