@@ -105,20 +105,10 @@ class CheckpointManager:
     # -- choosing ------------------------------------------------------------------------------
     def resume_candidates(self) -> list[Path]:
         """Where to resume from, best first: checkpoint.resume_from alone, else (with
-        checkpoint.resume) every whole checkpoint newest first, damaged ones skipped with a warning."""
+        checkpoint.resume) every checkpoint newest first (load() refuses a damaged one)."""
         if self.cfg.resume_from:
             return [Path(self.cfg.resume_from)]
-        if not self.cfg.resume:
-            return []
-        candidates = []
-        for path in reversed(complete_checkpoints(self.root)):
-            problem = damage(path)
-            if problem:
-                if self.dist.is_main:
-                    log.warning("skipping damaged checkpoint %s: %s", path, problem)
-            else:
-                candidates.append(path)
-        return candidates
+        return list(reversed(complete_checkpoints(self.root))) if self.cfg.resume else []
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, step: int, engine: Engine, state: dict, config_yaml: str, tokenizer_path: str) -> float:

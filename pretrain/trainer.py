@@ -260,7 +260,7 @@ class Trainer:
                 self.saved_step = self.step
                 return
             except CorruptCheckpoint as exc:
-                if len(candidates) == 1:
+                if self.cfg.checkpoint.resume_from:
                     raise
                 problems.append(str(exc))
                 if self.dist.is_main:

@@ -28,6 +28,10 @@ from torch.distributed.tensor import DTensor
 from pretrain.export.weights import check_shapes
 from pretrain.safe_load import SafeFileSystemReader
 
+# DCP warns on every save and load without a process group (also from an asynchronous save's
+# thread, which a warnings context in the caller does not cover); one process is intended there.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
 
 class Engine(Protocol):
     model: nn.Module  # called for forward passes (training, evaluation, generation)
@@ -71,15 +75,13 @@ class TorchEngine:
 
     def save(self, path: Path) -> None:
         """Every rank writes its own shards in parallel (DCP); the result loads at any world size."""
-        with _quiet_single_process():
-            dcp.save(self._state(), checkpoint_id=str(path))
+        dcp.save(self._state(), checkpoint_id=str(path))
 
     def save_async(self, path: Path, group: dist.ProcessGroup | None) -> Future:
         """Copy this rank's state to CPU memory now, write it in a background thread whose
         collectives run on `group` (not the training loop's); the future completes on every rank
         once the checkpoint's metadata is written, i.e. all ranks' shards are on disk."""
-        with _quiet_single_process():
-            return dcp.async_save(self._state(), checkpoint_id=str(path), process_group=group)
+        return dcp.async_save(self._state(), checkpoint_id=str(path), process_group=group)
 
     def _state(self) -> dict:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
@@ -95,19 +97,10 @@ class TorchEngine:
                   if key.startswith("model.") and hasattr(entry, "size")}
         check_shapes(self.parameter_shapes(), stored, str(path))
         state = self._state()
-        with _quiet_single_process():
-            dcp.load(state, storage_reader=reader)
+        dcp.load(state, storage_reader=reader)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on rank 0's CPU; other ranks get {} (a collective under FSDP)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {k: v.detach().cpu() for k, v in get_model_state_dict(self.model, options=options).items()}
-
-
-@contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns that it runs in one process when no process group exists; that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield

@@ -81,3 +81,94 @@ def test_resume_false_starts_over_and_resume_from_picks_a_checkpoint(tiny_config
     (path / "manifest.json").unlink()
     with pytest.raises(PretrainError, match="is not a complete checkpoint"):
         Trainer(tiny_config(train__max_steps=4, checkpoint__resume_from=str(path)))
+
+
+def steps_on_disk(root: Path) -> list[int]:
+    return [int(p.name.removeprefix("step_")) for p in complete_checkpoints(root)]
+
+
+def test_keep_last_and_keep_every_prune_but_never_the_newest(tiny_config):
+    cfg = tiny_config(train__max_steps=7, checkpoint__every=1, checkpoint__keep_last=2, checkpoint__keep_every=3)
+    train(cfg)
+    root = Path(cfg.out_dir) / "checkpoints"
+    assert steps_on_disk(root) == [3, 6, 7]
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000006", "step_00000007"]
+    train(tiny_config(train__max_steps=8, checkpoint__every=1, checkpoint__keep_last=1))
+    assert steps_on_disk(root) == [8]
+
+
+def test_damaged_newest_checkpoint_is_skipped_for_the_previous(tiny_config, caplog):
+    cfg = tiny_config(train__max_steps=6, checkpoint__every=2)
+    train(cfg)
+    root = Path(cfg.out_dir) / "checkpoints"
+    shard = next((root / "step_00000006").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated: its size no longer matches the manifest
+    metadata = root / "step_00000004" / ".metadata"
+    metadata.write_bytes(bytes(len(metadata.read_bytes())))  # same size, unreadable content
+    with caplog.at_level("WARNING"):
+        resumed = Trainer(tiny_config(train__max_steps=8, checkpoint__every=2))
+    assert resumed.step == 2
+    assert "step_00000006 is not a complete checkpoint" in caplog.text and "truncated" in caplog.text
+    assert "step_00000004/.metadata: unreadable or unsafe checkpoint metadata" in caplog.text
+    resumed.close()
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tiny_config):
+    cfg = tiny_config(train__max_steps=2, checkpoint__every=2)
+    train(cfg)
+    (Path(cfg.out_dir) / "checkpoints" / "step_00000002" / "trainer_state.pt").write_bytes(b"x" * 10)
+    with pytest.raises(PretrainError, match="(?s)no checkpoint in .* could be loaded.*trainer_state.pt has 10 bytes"):
+        Trainer(tiny_config(train__max_steps=4))
+
+
+def test_checkpoint_for_another_shape_names_the_parameter(tiny_config):
+    cfg = tiny_config(train__max_steps=2, checkpoint__every=2)
+    train(cfg)
+    with pytest.raises(PretrainError, match=r"parameter layers.0.feed_forward.w1.weight has shape \(128, 64\) in the "
+                                            r"checkpoint but \(96, 64\) in this model.s config"):
+        Trainer(tiny_config(train__max_steps=4, model__ffn_hidden=96))
+
+
+def test_async_save_resumes_bit_exact_and_logs_the_blocked_time(tiny_config, tmp_path):
+    straight = train(tiny_config(train__max_steps=8, out_dir=str(tmp_path / "straight")))
+    run = str(tmp_path / "async")
+    train(tiny_config(train__max_steps=8, train__stop_at=4, checkpoint__every=2, checkpoint__async=True, out_dir=run))
+    assert steps_on_disk(Path(run) / "checkpoints") == [2, 4]
+    resumed = train(tiny_config(train__max_steps=8, checkpoint__every=2, checkpoint__async=True, out_dir=run))
+    assert losses(run) == losses(str(tmp_path / "straight"))
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    blocked = [r for r in read_metrics(run) if "checkpoint_blocked_s" in r]
+    assert [r["step"] for r in blocked] == [2, 4, 6, 8] and all(r["checkpoint_async"] for r in blocked)
+
+
+def test_random_state_is_saved_per_rank_and_restored(tiny_config):
+    cfg = tiny_config(train__max_steps=2, checkpoint__every=2)
+    trainer = train(cfg)
+    saved = torch.load(Path(cfg.out_dir) / "checkpoints" / "step_00000002" / "rng" / "rank_00000.pt")
+    torch.manual_seed(1234)
+    Trainer(tiny_config(train__max_steps=4)).close()
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+    assert trainer.step == 2
+
+
+def test_a_checkpoint_moved_aside_by_an_interrupted_replace_is_put_back(tiny_config):
+    cfg = tiny_config(train__max_steps=2, checkpoint__every=2)
+    train(cfg)
+    root = Path(cfg.out_dir) / "checkpoints"
+    (root / "step_00000002").rename(root / ".old_step_00000002")  # crash between the two renames
+    shutil.copytree(root / ".old_step_00000002", root / ".tmp_step_00000004")
+    assert Trainer(tiny_config(train__max_steps=4)).step == 2
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tiny_config, tmp_path):
+    source = train(tiny_config(train__max_steps=3, checkpoint__every=3, out_dir=str(tmp_path / "a")))
+    path = tmp_path / "a" / "checkpoints" / "step_00000003"
+    fresh = Trainer(tiny_config(train__max_steps=3, checkpoint__init_from=str(path), out_dir=str(tmp_path / "b")))
+    assert fresh.step == 0 and not fresh.optimizer.state  # a new run: schedule and optimizer start over
+    for (name, a), b in zip(source.model.state_dict().items(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    fresh.close()
+    with pytest.raises(PretrainError, match="parameter tok_embeddings.weight has shape"):
+        Trainer(tiny_config(checkpoint__init_from=str(path), model__d_model=32, out_dir=str(tmp_path / "c")))
