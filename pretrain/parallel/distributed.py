@@ -108,7 +108,11 @@ def side_group() -> dist.ProcessGroup | None:
 
 
 def destroy_process_group() -> None:
+    """Leave the group together: a rank that tore its gloo connections down while a peer was still
+    finishing made that peer abort at exit ("terminate called without an active exception",
+    SIGABRT) in about 1 run in 3 on a loaded machine; with the barrier, none in 18."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

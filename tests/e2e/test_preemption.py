@@ -1,0 +1,111 @@
+"""Preemption and crashes of real multi-process jobs (torchrun, 2 processes): SIGTERM saves a
+checkpoint and exits for requeueing; a rank killed mid-save leaves the previous checkpoint whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.errors import PREEMPTED_EXIT_CODE
+from tests.conftest import read_metrics, tiny_overrides
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+TWO_RANKS = ["--parallel.backend=fsdp", "--train.micro_batch_size=2", "--train.global_batch_sequences=8"]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+
+
+def config_file(run: Path) -> str:
+    path = run.parent / "config.yaml"
+    path.write_text(f"out_dir: {run}\n")
+    return str(path)
+
+
+def losses(run: Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (before a crash and after the restart) must agree."""
+    seen: dict[int, float] = {}
+    for record in read_metrics(run):
+        if "loss" in record:
+            assert seen.setdefault(record["step"], record["loss"]) == record["loss"], record
+    return seen
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if (run / "metrics.jsonl").exists() and any(r.get("step", 0) >= step for r in read_metrics(run)):
+            return
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no step {step} within {timeout_s}s")
+
+
+def newest_checkpoint(run: Path) -> dict:
+    manifests = [json.loads(p.read_text()) for p in (run / "checkpoints").glob("step_*/manifest.json")]
+    return max(manifests, key=lambda m: m["step"])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_for_requeue(tmp_path, corpus_file, tokenizer_file):
+    """Checkpointing is even off (checkpoint.every=0): the preemption checkpoint is written anyway."""
+    run = tmp_path / "run"
+    args = [*tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=100000, checkpoint__every=0),
+            *TWO_RANKS]
+    proc = subprocess.Popen(torchrun("-m", "pretrain", "train", config_file(run), *args), cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)  # what Slurm sends; torchrun passes it on to every rank
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    manifest = newest_checkpoint(run)
+    stopped = manifest["step"]
+    assert 3 <= stopped < 100000 and manifest["world_size"] == 2
+    assert f"preempted: stopped after step {stopped} with a checkpoint; exiting with code {PREEMPTED_EXIT_CODE}" in stdout + stderr
+    # the requeued job resumes from it
+    resumed = subprocess.run(torchrun("-m", "pretrain", "train", config_file(run), *args, f"--train.stop_at={stopped + 2}"), cwd=REPO,
+                             text=True, capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped:08d}'}" in resumed.stdout + resumed.stderr
+    assert max(losses(run)) == stopped + 2
+
+
+def test_sigterm_to_a_single_process_exits_with_the_preempted_code(tmp_path, corpus_file, tokenizer_file):
+    run = tmp_path / "run"
+    args = tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", "train", config_file(run), *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(run, 2, proc)
+    proc.send_signal(signal.SIGUSR1)
+    proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE
+    assert newest_checkpoint(run)["step"] >= 2
+
+
+def test_rank_killed_during_a_save_leaves_the_previous_checkpoint_and_a_restart_resumes(
+        tmp_path, corpus_file, tokenizer_file):
+    run = tmp_path / "run"
+    args = [*tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=6, checkpoint__every=2), *TWO_RANKS]
+    crashed = subprocess.run(torchrun(str(Path(__file__).with_name("crash_during_save.py")), "train", config_file(run), *args),
+                             cwd=REPO, text=True, capture_output=True, timeout=300,
+                             env={**os.environ, "CRASH_AT_STEP": "4", "PYTHONPATH": str(REPO)})
+    assert crashed.returncode != 0
+    checkpoints = run / "checkpoints"
+    assert newest_checkpoint(run)["step"] == 2
+    assert (checkpoints / ".tmp_step_00000004").is_dir() and not (checkpoints / "step_00000004").exists()
+    assert max(losses(run)) == 4  # steps 3 and 4 were trained before the crash
+    restarted = subprocess.run(torchrun("-m", "pretrain", "train", config_file(run), *args), cwd=REPO, text=True, capture_output=True,
+                               timeout=300)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert f"resumed from {checkpoints / 'step_00000002'}" in restarted.stdout + restarted.stderr
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]  # steps 3-4 retrained to the same losses (checked in losses())
+    assert newest_checkpoint(run)["step"] == 6 and not (checkpoints / ".tmp_step_00000004").exists()
