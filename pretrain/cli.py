@@ -85,6 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="rebuild sources whose shards are up to date")
     prepare.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     prepare.set_defaults(run=run_data_prepare, accepts_overrides=True)
+
+    export = commands.add_parser(
+        "export", help="export a checkpoint as a Hugging Face model or a plain torch state dict",
+        description="Export the weights of a training checkpoint (any backend, any world size). --format hf writes "
+                    "a LlamaForCausalLM directory (config.json, safetensors, generation_config.json, tokenizer) "
+                    "that transformers loads with from_pretrained; it is published only after it reproduced the "
+                    "checkpoint's logits on a fixed batch (the parity check). --format torch writes model.pt "
+                    "(parameter names -> fp32 tensors) with the run's config.yaml and tokenizer.model. Either "
+                    "output also works as --checkpoint.init_from.",
+    )
+    export.add_argument("checkpoint", help="checkpoint directory, e.g. out/checkpoints/step_00001000")
+    export.add_argument("--format", choices=("hf", "torch"), required=True, help="output format")
+    export.add_argument("--out", required=True, help="output directory (written whole or not at all)")
+    export.add_argument("--max-shard-size", default="5GB",
+                        help="hf: largest safetensors file, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
+    export.add_argument("--no-parity-check", action="store_true",
+                        help="hf: skip comparing the export's logits with the checkpoint's (that loads the model "
+                             "twice in host memory); only for models too big for it")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    export.set_defaults(run=run_export)
     return parser
 
 
@@ -145,4 +165,28 @@ def run_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"{m['source']}: {m['train_tokens']:,} training tokens, {m['val_tokens']:,} held-out tokens, "
               f"{m['chunks']} chunks ({m['dtype']})")
     print(f"train on them with --data.prepared_dir={cfg.data.prepared_dir}")
+    return 0
+
+
+def run_export(args: argparse.Namespace, extra: list[str]) -> int:
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    if args.format == "hf":
+        from pretrain.export.hf import export_hf, require_transformers
+        from pretrain.export.shards import parse_size
+
+        require_transformers()
+        max_shard_bytes = parse_size(args.max_shard_size)
+        if args.no_parity_check:
+            progress("WARNING: --no-parity-check: the exported model will NOT be compared with the checkpoint; "
+                     "nothing shows that it computes the same logits. Run the parity check wherever the model "
+                     "fits twice in memory.")
+        out = export_hf(args.checkpoint, args.out, max_shard_bytes, parity=not args.no_parity_check,
+                        force=args.force, progress=progress)
+    else:
+        from pretrain.export.torch_format import export_torch
+
+        out = export_torch(args.checkpoint, args.out, force=args.force, progress=progress)
+    print(f"exported {args.checkpoint} to {out}")
     return 0

@@ -10,9 +10,11 @@ import re
 
 from pretrain.errors import PretrainError
 
-# Wrappers that prefix parameter names: activation checkpointing, torch.compile, DDP/DeepSpeed
-# and FSDP1. None of them is part of the model, so every reader drops them.
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.", "_fsdp_wrapped_module.")
+# Wrappers that prefix parameter names: activation checkpointing, torch.compile and FSDP1 wrap
+# blocks (so they appear mid-name), DDP and DeepSpeed the whole model (only at the start). None
+# of them is part of the model, so every reader drops them.
+BLOCK_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+MODEL_WRAPPERS = ("module.",)
 
 # (ours, Hugging Face's) per transformer block; {i} is the layer index.
 _LAYER_NAMES = (
@@ -38,12 +40,14 @@ _LAYER_INDEX = re.compile(r"(?<=layers\.)\d+(?=\.)")
 
 
 def strip_wrappers(name: str) -> str:
-    """`name` without wrapper prefixes, wherever they occur (`layers.0._checkpoint_wrapped_module.x`)."""
-    for prefix in WRAPPER_PREFIXES:
+    """`name` without wrapper prefixes (`module.layers.0._checkpoint_wrapped_module.x` -> `layers.0.x`)."""
+    for prefix in BLOCK_WRAPPERS:
         name = name.replace("." + prefix, ".")
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
+    while True:
+        prefix = next((p for p in MODEL_WRAPPERS + BLOCK_WRAPPERS if name.startswith(p)), None)
+        if prefix is None:
+            return name
+        name = name[len(prefix):]
 
 
 def to_hf_name(name: str) -> str:

@@ -7,6 +7,7 @@ SafeFileSystemReader, DeepSpeed's files are read under weights_only_loads()."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import warnings
@@ -14,12 +15,17 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import yaml
 
-from pretrain.config import Config, load_config
-from pretrain.errors import PretrainError
+from pretrain.config import Config
+from pretrain.config_parse import build, load_yaml_text
+from pretrain.errors import ConfigError, PretrainError
 from pretrain.export.names import strip_wrappers
 
-MANIFEST = "manifest.json"  # pretrain.checkpoint.MANIFEST; not imported: that pulls in the parallel stack
+# pretrain.checkpoint's names, repeated: importing it here would be circular (it imports the
+# parallel stack, which imports check_shapes from this package).
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"
 DEEPSPEED_TAG = "deepspeed"  # pretrain.parallel.deepspeed_engine.CHECKPOINT_TAG
 DCP_MODEL_PREFIX = "model."  # TorchEngine.save() stores {"model": ..., "optimizer": ...}
 
@@ -34,25 +40,43 @@ def read_manifest(ckpt_dir: Path) -> dict:
         raise PretrainError(f"{ckpt_dir} is not a complete checkpoint (no readable {MANIFEST}); pass a directory "
                             "like OUT_DIR/checkpoints/step_00001000 (a crash while saving leaves an incomplete one: "
                             "take the previous step)")
+    from pretrain.checkpoint import FORMAT_VERSION  # here, not at the top: see MANIFEST
+
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PretrainError(f"{ckpt_dir} has checkpoint format {manifest.get('format_version')}, this version of "
+                            f"pretrain reads format {FORMAT_VERSION}; export it with the version that wrote it")
     return manifest
 
 
 def checkpoint_config(ckpt_dir: Path) -> Config:
-    """The resolved run config saved with the checkpoint (the model's shape comes from it)."""
+    """The resolved run config saved with the checkpoint (the model's shape comes from it).
+
+    Parsed and type-checked but not validated as a run: validation checks the run's environment
+    (its data files exist, its world size), and a checkpoint is often exported elsewhere."""
     path = ckpt_dir / "config.yaml"
-    if not path.is_file():
-        raise PretrainError(f"{path} is missing: the checkpoint does not say what model it holds")
-    return load_config(str(path), [], world_size=1)
+    try:
+        data = load_yaml_text(path.read_text()) or {}
+    except OSError:
+        raise PretrainError(f"{path} is missing: the checkpoint does not say what model it holds") from None
+    except yaml.YAMLError as exc:
+        raise PretrainError(f"{path} is not valid YAML ({exc}); the checkpoint is damaged") from None
+    problems: list[str] = []
+    cfg = build(Config, data, "", problems)
+    if problems:
+        raise ConfigError(problems, str(path))
+    if cfg.model.max_seq_len is None:  # resolved in configs saved by training; kept for hand-written ones
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_len=cfg.data.seq_len))
+    return cfg
 
 
 def checkpoint_tokenizer(ckpt_dir: Path, cfg: Config) -> Path:
     """The sentencepiece model the run trained with: the checkpoint's copy, else the run's tokenizer.path."""
-    for path in (ckpt_dir / "tokenizer.model", Path(cfg.tokenizer_path)):
+    for path in (ckpt_dir / TOKENIZER, Path(cfg.tokenizer_path)):
         if path.is_file():
             return path
-    raise PretrainError(f"no tokenizer for {ckpt_dir}: neither {ckpt_dir / 'tokenizer.model'} nor the run's "
+    raise PretrainError(f"no tokenizer for {ckpt_dir}: neither {ckpt_dir / TOKENIZER} nor the run's "
                         f"tokenizer.path {cfg.tokenizer_path} exists; copy the tokenizer the run used to "
-                        f"{ckpt_dir / 'tokenizer.model'}")
+                        f"{ckpt_dir / TOKENIZER}")
 
 
 class WeightReader(Protocol):
@@ -78,8 +102,9 @@ class DcpReader:
     the requested tensors, whatever world size wrote them and however they were sharded."""
 
     def __init__(self, ckpt_dir: Path):
-        from pretrain.safe_load import SafeFileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        from pretrain.safe_load import SafeFileSystemReader
 
         self.path = ckpt_dir
         self._reader_type = SafeFileSystemReader

@@ -21,7 +21,7 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TIED = ("output.weight", "tok_embeddings.weight")  # (tied name, the one it shares)
 # Tensors read from a DCP checkpoint per call: few calls (each re-reads the metadata), bounded memory.
-READ_GROUP_BYTES = 1 << 30
+READ_GROUP_BYTES = 256 << 20
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
@@ -44,8 +44,8 @@ def iter_checkpoint_weights(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.T
     expected = expected_shapes(args)
     stored = dict(reader.shapes)
     tied = args.tie_embeddings
-    if tied:  # stored or not depending on the engine; read from the embedding either way
-        stored.setdefault(TIED[0], stored.get(TIED[1]))
+    if tied and TIED[1] in stored:  # the head is stored or not depending on the engine; read as the embedding
+        stored.setdefault(TIED[0], stored[TIED[1]])
     check_shapes(expected, stored, f"{ckpt_dir} (config.yaml vs stored weights)", args)
     names = [n for n in expected if not (tied and n == TIED[0])]
     for group in _groups(names, expected, READ_GROUP_BYTES):
