@@ -1,18 +1,7 @@
-"""Checkpoints: out_dir/checkpoints/step_{step:08d}/, written whole or not at all.
+"""Saving, pruning and restoring checkpoints (their layout: pretrain.checkpoint_layout).
 
-Layout of one checkpoint (format_version 1):
-  manifest.json      written last: format_version, step, tokens_seen, engine, world_size,
-                     config_sha256 and every file's size. A directory without a readable manifest,
-                     or whose files differ from it, is not a checkpoint.
-  config.yaml        the resolved config of the run
-  tokenizer.model    the run's tokenizer, so the checkpoint is self-contained (export, eval)
-  trainer_state.pt   step, tokens seen, LR schedule and the data stream's position
-  rng/rank_NNNNN.pt  each rank's CPU (and CUDA) random state
-  model and optimizer: DCP files (.metadata, __R_N.distcp) for none/ddp/fsdp, with the model's own
-                     parameter names under "model." and the optimizer's under "optimizer.";
-                     DeepSpeed's engine checkpoint under deepspeed/ for deepspeed.
-
-Everything is written into .tmp_step_N/, flushed to disk, then renamed into place."""
+Model and optimizer are written by the parallel engine (DCP, each rank its shards; or DeepSpeed's
+format); this module writes the rest, makes the write atomic and picks what to resume from."""
 
 from __future__ import annotations
 
@@ -31,54 +20,24 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain.atomic_dir import publish, temporary_path, temporary_sibling
+from pretrain.checkpoint_layout import (
+    CONFIG,
+    FORMAT_VERSION,
+    MANIFEST,
+    RNG_DIR,
+    STEP_GLOB,
+    TOKENIZER,
+    TRAINER_STATE,
+    checkpoint_dir,
+    complete_checkpoints,
+    damage,
+    read_manifest,
+)
 from pretrain.config import CheckpointConfig
 from pretrain.errors import CorruptCheckpoint, PretrainError
 from pretrain.parallel import DistInfo, Engine, side_group
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TRAINER_STATE = "trainer_state.pt"
-CONFIG = "config.yaml"
-TOKENIZER = "tokenizer.model"
-RNG_DIR = "rng"
-_STEP_GLOB = "step_*"
-
-
-def checkpoint_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
-
-
-def read_manifest(path: Path) -> dict | None:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("step"), int) else None
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoints under `root` that have a readable manifest, oldest step first. Temporary
-    directories (a crash mid-write) never have one at their final name."""
-    found = [(manifest["step"], path) for path in root.glob(_STEP_GLOB) if (manifest := read_manifest(path))]
-    return [path for _, path in sorted(found)]
-
-
-def damage(path: Path) -> str | None:
-    """Why `path` is not a whole checkpoint (no manifest, a file missing or of another size than
-    the manifest says), or None when it is."""
-    manifest = read_manifest(path)
-    if manifest is None:
-        return f"no readable {MANIFEST}"
-    for name, size in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, the manifest says {size} (truncated or overwritten)"
-    return None
-
 
 @dataclass
 class _PendingSave:
@@ -239,9 +198,9 @@ def check_compatible(path: Path, manifest: dict, engine: Engine, world_size: int
 def recover_interrupted_writes(root: Path) -> None:
     """Clear what a crash mid-write left behind: temporary directories are dropped; a checkpoint
     moved aside to be replaced (`.old_step_N`) is put back if its replacement never arrived."""
-    for leftover in root.glob(".tmp_" + _STEP_GLOB):
+    for leftover in root.glob(".tmp_" + STEP_GLOB):
         shutil.rmtree(leftover, ignore_errors=True)
-    for old in root.glob(".old_" + _STEP_GLOB):
+    for old in root.glob(".old_" + STEP_GLOB):
         final = old.with_name(old.name.removeprefix(".old_"))
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -17,31 +16,22 @@ from typing import Protocol
 import torch
 import yaml
 
+from pretrain import checkpoint_layout
+from pretrain.checkpoint_layout import DCP_MODEL_PREFIX, DEEPSPEED_DIR, FORMAT_VERSION, MANIFEST, TOKENIZER
 from pretrain.config import Config
 from pretrain.config_parse import build, load_yaml_text
 from pretrain.errors import ConfigError, PretrainError
 from pretrain.export.names import strip_wrappers
 
-# pretrain.checkpoint's names, repeated: importing it here would be circular (it imports the
-# parallel stack, which imports check_shapes from this package).
-MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.model"
-DEEPSPEED_TAG = "deepspeed"  # pretrain.parallel.deepspeed_engine.CHECKPOINT_TAG
-DCP_MODEL_PREFIX = "model."  # TorchEngine.save() stores {"model": ..., "optimizer": ...}
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
     """The checkpoint's manifest.json; a directory without a readable one is not a complete checkpoint."""
-    try:
-        manifest = json.loads((ckpt_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("step"), int):
+    manifest = checkpoint_layout.read_manifest(ckpt_dir)
+    if manifest is None:
         raise PretrainError(f"{ckpt_dir} is not a complete checkpoint (no readable {MANIFEST}); pass a directory "
                             "like OUT_DIR/checkpoints/step_00001000 (a crash while saving leaves an incomplete one: "
                             "take the previous step)")
-    from pretrain.checkpoint import FORMAT_VERSION  # here, not at the top: see MANIFEST
-
     if manifest.get("format_version") != FORMAT_VERSION:
         raise PretrainError(f"{ckpt_dir} has checkpoint format {manifest.get('format_version')}, this version of "
                             f"pretrain reads format {FORMAT_VERSION}; export it with the version that wrote it")
@@ -140,15 +130,15 @@ class DeepSpeedReader:
 
         from pretrain.safe_load import weights_only_loads
 
-        if not (ckpt_dir / DEEPSPEED_TAG).is_dir():
-            raise PretrainError(f"{ckpt_dir} is a DeepSpeed checkpoint without its {DEEPSPEED_TAG}/ directory; "
+        if not (ckpt_dir / DEEPSPEED_DIR).is_dir():
+            raise PretrainError(f"{ckpt_dir} is a DeepSpeed checkpoint without its {DEEPSPEED_DIR}/ directory; "
                                 "the checkpoint is damaged, use an earlier one")
         # zero_to_fp32 prints progress to stdout, which belongs to the command's own output.
         with weights_only_loads(), contextlib.redirect_stdout(sys.stderr):
             try:
-                lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DEEPSPEED_TAG, lazy_mode=True)
+                lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DEEPSPEED_DIR, lazy_mode=True)
             except (ValueError, FileNotFoundError, RuntimeError) as exc:
-                raise PretrainError(f"{ckpt_dir / DEEPSPEED_TAG}: DeepSpeed cannot read this checkpoint ({exc}); "
+                raise PretrainError(f"{ckpt_dir / DEEPSPEED_DIR}: DeepSpeed cannot read this checkpoint ({exc}); "
                                     "it is damaged or incomplete, use an earlier one") from exc
         self._lazy = {strip_wrappers(k): v for k, v in lazy.items()}
         self.shapes = {name: torch.Size(v.shape) for name, v in self._lazy.items()}

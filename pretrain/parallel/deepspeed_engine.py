@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.checkpoint_layout import DEEPSPEED_DIR
 from pretrain.config import Config, grad_accum_steps
 from pretrain.errors import PretrainError
 from pretrain.export.weights import check_shapes
@@ -24,7 +25,6 @@ from pretrain.safe_load import weights_only_loads
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's files go to <checkpoint>/deepspeed/
 
 
 def deepspeed_config(cfg: Config, world_size: int, bf16: bool, pin_memory: bool) -> dict[str, Any]:
@@ -122,7 +122,7 @@ class DeepSpeedEngine:
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
     def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, save_latest=False)
+        self.engine.save_checkpoint(str(path), tag=DEEPSPEED_DIR, save_latest=False)
 
     def parameter_shapes(self) -> dict[str, torch.Size]:
         """Full shapes (ZeRO-3 keeps each parameter's in `ds_shape`; its tensor is a shard)."""
@@ -130,11 +130,11 @@ class DeepSpeedEngine:
 
     def load(self, path: Path) -> None:
         with weights_only_loads():
-            files = sorted((path / CHECKPOINT_TAG).glob("*model_states.pt"))
+            files = sorted((path / DEEPSPEED_DIR).glob("*model_states.pt"))
             if files:  # every rank's file records the full shapes of all parameters
                 saved = torch.load(files[0], map_location="cpu", weights_only=True).get("param_shapes") or []
                 check_shapes(self.parameter_shapes(), {k: v for group in saved for k, v in group.items()}, str(path))
-            loaded, _ = self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
+            loaded, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_DIR, load_lr_scheduler_states=False)
         if loaded is None:
-            raise PretrainError(f"{path / CHECKPOINT_TAG} holds no DeepSpeed state; the checkpoint is damaged, "
+            raise PretrainError(f"{path / DEEPSPEED_DIR} holds no DeepSpeed state; the checkpoint is damaged, "
                                 "resume from an earlier one with --checkpoint.resume_from")

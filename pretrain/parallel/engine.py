@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from pretrain.checkpoint_layout import DCP_MODEL_PREFIX
 from pretrain.export.weights import check_shapes
 from pretrain.safe_load import SafeFileSystemReader
 
@@ -93,8 +94,8 @@ class TorchEngine:
     def load(self, path: Path) -> None:
         reader = SafeFileSystemReader(str(path))
         metadata = reader.read_metadata()
-        stored = {key.removeprefix("model."): entry.size for key, entry in metadata.state_dict_metadata.items()
-                  if key.startswith("model.") and hasattr(entry, "size")}
+        stored = {key.removeprefix(DCP_MODEL_PREFIX): entry.size for key, entry in metadata.state_dict_metadata.items()
+                  if key.startswith(DCP_MODEL_PREFIX) and hasattr(entry, "size")}
         check_shapes(self.parameter_shapes(), stored, str(path))
         state = self._state()
         dcp.load(state, storage_reader=reader)
