@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,6 +151,33 @@ def test_slurm_script_starts_one_torchrun_per_node_meeting_on_the_first(tmp_path
     for script, first_line in (("slurm.sbatch", "Multi-node launch"), ("torchrun.sh", "Single-node launch")):
         usage = launch(script, "--help").stdout
         assert usage.startswith(first_line) and "set -euo" not in usage  # the comment block, not the code
+
+
+def test_slurm_script_passes_the_time_limit_signal_to_training_and_requeues(tmp_path):
+    """USR1 (sent by Slurm 5 minutes before the time limit) becomes SIGTERM for the ranks, which
+    checkpoint and exit 75; then the job requeues itself."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text('#!/bin/bash\nsleep 60 & trap \'kill $!; echo "ranks got TERM"; exit 75\' TERM\n'
+                                   'echo started > "$STARTED"\nwait\n')
+    (fake_bin / "scontrol").write_text('#!/bin/sh\nif [ "$1" = requeue ]; then echo "requeue $2" >> "$LOG"; '
+                                       'else echo node-1; fi\n')
+    for tool in fake_bin.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "node-1", "PYTHON": "python3", "LOG": str(tmp_path / "log"),
+           "STARTED": str(tmp_path / "started")}
+    job = subprocess.Popen([str(REPO / "launch" / "slurm.sbatch"), "configs/demo.yaml"], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(100):
+        if (tmp_path / "started").exists():
+            break
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)
+    stdout, stderr = job.communicate(timeout=30)
+    assert "ranks got TERM" in stdout, stdout + stderr
+    assert (tmp_path / "log").read_text() == "requeue 4242\n"
+    assert job.returncode == 75
 
 
 def test_prepared_shards_train_exactly_like_text_and_a_changed_mixture_names_the_override(
