@@ -1,6 +1,6 @@
 """A DCP checkpoint written by 2 ranks resumes on 1 process and vice versa (fsdp, ddp): the run
 continues the same global data stream with the same global batch, so every step's loss matches
-the uninterrupted run."""
+the uninterrupted run. Full weights (init_from) load into sharded models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from pretrain.config import load_config
+from pretrain.export import load_weights
+from pretrain.parallel import dist_info_from_env
+from pretrain.trainer import Trainer
+from tests.conftest import tiny_overrides
 from tests.distributed.ranks import run_ranks
 from tests.distributed.test_backends import SHARED, STEPS, _rank_train, losses
 
@@ -35,3 +41,27 @@ def test_resume_at_another_world_size_continues_the_same_run(backend, first, the
     assert len(got) == STEPS == SHARED["train__max_steps"]
     assert got == pytest.approx(uninterrupted, rel=1e-5), json.dumps({"expected": uninterrupted, "got": got})
     assert Path(tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").is_file()
+
+
+def _rank_initial_weights(rank: int, world_size: int, run_dir: Path, corpus: Path, tokenizer: Path,
+                          extra: dict) -> None:
+    cfg = load_config(None, tiny_overrides(run_dir, corpus, tokenizer, **SHARED, **extra), world_size=world_size)
+    trainer = Trainer(cfg, dist_info_from_env("cpu"))
+    weights = trainer.engine.full_state_dict()
+    if weights:
+        torch.save(weights, run_dir / "initial.pt")
+    trainer.close()
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_init_from_loads_full_weights_into_a_sharded_model(backend, tmp_path, corpus_file, tokenizer_file):
+    source = tmp_path / "source"
+    run_ranks(_rank_train, 1, source, corpus_file, tokenizer_file, {"checkpoint__every": 100, "train__stop_at": 2})
+    checkpoint = source / "checkpoints" / "step_00000002"
+    extra = {"parallel__backend": backend, "parallel__zero_stage": 3, "checkpoint__init_from": str(checkpoint)}
+    if backend == "fsdp":
+        del extra["parallel__zero_stage"]
+    run_ranks(_rank_initial_weights, 2, tmp_path / "new", corpus_file, tokenizer_file, extra)
+    expected, got = load_weights(checkpoint), torch.load(tmp_path / "new" / "initial.pt")
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[name], value) for name, value in expected.items())
