@@ -112,7 +112,10 @@ def destroy_process_group() -> None:
     finishing made that peer abort at exit ("terminate called without an active exception",
     SIGABRT) in about 1 run in 3 on a loaded machine; with the barrier, none in 18."""
     if dist.is_initialized():
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is gone (leaving after an error): nobody left to wait for
+            pass
         dist.destroy_process_group()
 
 

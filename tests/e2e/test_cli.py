@@ -194,7 +194,7 @@ def test_prepared_shards_train_exactly_like_text_and_a_changed_mixture_names_the
     assert pretrain("train", *base, f"--out_dir={tmp_path / 'text'}").returncode == 0
     result = pretrain("train", *base, prepared, f"--out_dir={tmp_path / 'shards'}", "--checkpoint.every=3")
     assert result.returncode == 0, result.stderr
-    losses = [[r["loss"] for r in read_metrics(tmp_path / run)] for run in ("text", "shards")]
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run) if "loss" in r] for run in ("text", "shards")]
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
     reweighted = sources.replace("weight: 0.4", "weight: 0.5").replace("weight: 0.6", "weight: 0.5")
