@@ -8,7 +8,6 @@ import glob
 import math
 import os
 import re
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,9 +20,8 @@ from pretrain.config_parse import (
     load_yaml_text,
     option,
     parse_overrides,
+    reference,
     to_dict,
-    type_name,
-    yaml_key,
 )
 from pretrain.errors import ConfigError
 from pretrain.models.args import ModelArgs
@@ -491,24 +489,4 @@ def save_config(cfg: Config, out_dir: str) -> Path:
 
 def config_reference() -> str:
     """Every key with its type, default and help text, for `pretrain train --help`."""
-    lines = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            key = f"{prefix}{yaml_key(f)}"
-            tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
-                lines.append(f"\n  [{key}] {f.metadata.get('help', '')}")
-                walk(tp, key + ".")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  --{key}={_inline_yaml(to_dict(default))}  ({type_name(tp)})  {f.metadata.get('help', '')}")
-
-    walk(Config, "")
-    return "\n".join(lines)
-
-
-def _inline_yaml(value: object) -> str:
-    """`value` as one line of YAML, the form an override takes (`[{name: a, ...}]`, `3.0e-04`)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    return reference(Config)

@@ -208,3 +208,28 @@ def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {yaml_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     return copy.deepcopy(obj)
+
+
+def reference(root: type) -> str:
+    """Every key of dataclass `root`, nested sections included, with its type, default and help text."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{yaml_key(f)}"
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"\n  [{key}] {f.metadata.get('help', '')}")
+                walk(tp, key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{key}={_inline_yaml(to_dict(default))}  ({type_name(tp)})  {f.metadata.get('help', '')}")
+
+    walk(root, "")
+    return "\n".join(lines)
+
+
+def _inline_yaml(value: object) -> str:
+    """`value` as one line of YAML, the form an override takes (`[{name: a, ...}]`, `3.0e-04`)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()

@@ -19,7 +19,6 @@ from pretrain.hardware import keep_freed_memory, memory_gib, peak_flops, resolve
 from pretrain.metrics import MetricLogger
 from pretrain.models import Transformer, count_params, flops_per_token
 from pretrain.optim import build_scheduler
-from pretrain.preemption import PreemptionSignals
 from pretrain.parallel import (
     DistInfo,
     any_rank,
@@ -31,6 +30,7 @@ from pretrain.parallel import (
     main_rank_first,
     sum_over_ranks,
 )
+from pretrain.preemption import PreemptionSignals
 
 log = logging.getLogger("pretrain")
 
