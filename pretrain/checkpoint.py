@@ -144,6 +144,7 @@ class CheckpointManager:
                 continue
             (path / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path.with_name(".universal_" + path.name), ignore_errors=True)  # DeepSpeed's conversion
             log.info("removed checkpoint %s (checkpoint.keep_last=%d)", path, self.cfg.keep_last)
 
     # -- restoring -----------------------------------------------------------------------------
@@ -155,7 +156,7 @@ class CheckpointManager:
         problem = damage(path)
         if manifest is None or problem:
             raise CorruptCheckpoint(f"{path} is not a complete checkpoint ({problem})")
-        check_compatible(path, manifest, engine, self.dist.world_size)
+        check_compatible(path, manifest, engine)
         try:
             engine.load(path)
             state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
@@ -175,7 +176,7 @@ class CheckpointManager:
         return state
 
 
-def check_compatible(path: Path, manifest: dict, engine: Engine, world_size: int) -> None:
+def check_compatible(path: Path, manifest: dict, engine: Engine) -> None:
     """Refuse, with the fix, a checkpoint this engine cannot read."""
     if manifest.get("format_version") != FORMAT_VERSION:
         raise PretrainError(f"{path} has checkpoint format {manifest.get('format_version')}, this "
@@ -186,19 +187,12 @@ def check_compatible(path: Path, manifest: dict, engine: Engine, world_size: int
         raise PretrainError(f"{path} holds a {written_by!r} checkpoint, which this run's backend cannot read "
                             f"(it reads {engine.checkpoint_format!r}); resume it with {backends}, or start "
                             "over with --checkpoint.resume=false or another out_dir")
-    written_at = manifest.get("world_size", 1)
-    if written_by == "deepspeed" and written_at != world_size:
-        raise PretrainError(f"{path} is a DeepSpeed checkpoint written by {written_at} processes; DeepSpeed loads "
-                            f"it only at that world size (this run has {world_size}); pretrain does not yet convert "
-                            "it to DeepSpeed's universal-checkpoint format, which could. Resume with "
-                            f"{written_at} processes, or train with parallel.backend=fsdp, whose checkpoints "
-                            "load at any world size")
 
 
 def recover_interrupted_writes(root: Path) -> None:
     """Clear what a crash mid-write left behind: temporary directories are dropped; a checkpoint
     moved aside to be replaced (`.old_step_N`) is put back if its replacement never arrived."""
-    for leftover in root.glob(".tmp_" + STEP_GLOB):
+    for leftover in [*root.glob(".tmp_" + STEP_GLOB), *root.glob(".tmp_.universal_" + STEP_GLOB)]:
         shutil.rmtree(leftover, ignore_errors=True)
     for old in root.glob(".old_" + STEP_GLOB):
         final = old.with_name(old.name.removeprefix(".old_"))

@@ -6,6 +6,7 @@ parameter groups, so the update rule, clipping and LR schedule match the other b
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import logging
@@ -14,9 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 from torch import nn
 
-from pretrain.checkpoint_layout import DEEPSPEED_DIR
+from pretrain.atomic_dir import publish, temporary_sibling
+from pretrain.checkpoint_layout import DEEPSPEED_DIR, read_manifest
 from pretrain.config import Config, grad_accum_steps
 from pretrain.errors import PretrainError
 from pretrain.export.weights import check_shapes
@@ -122,19 +129,56 @@ class DeepSpeedEngine:
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
     def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path), tag=DEEPSPEED_DIR, save_latest=False)
+        # The universal-checkpoint marker lets DeepSpeed's converter read ZeRO-1/2 checkpoints too.
+        state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.engine.save_checkpoint(str(path), tag=DEEPSPEED_DIR, client_state=state, save_latest=False)
 
     def parameter_shapes(self) -> dict[str, torch.Size]:
         """Full shapes (ZeRO-3 keeps each parameter's in `ds_shape`; its tensor is a shard)."""
         return {name: getattr(p, "ds_shape", p.shape) for name, p in self.engine.module.named_parameters()}
 
     def load(self, path: Path) -> None:
+        """Restore from `path`; a checkpoint written at another world size is converted once to
+        DeepSpeed's universal format (next to it, in .universal_step_N/), which loads at any."""
+        manifest = read_manifest(path) or {}
+        written_at = manifest.get("world_size", self.engine.world_size)
         with weights_only_loads():
             files = sorted((path / DEEPSPEED_DIR).glob("*model_states.pt"))
             if files:  # every rank's file records the full shapes of all parameters
                 saved = torch.load(files[0], map_location="cpu", weights_only=True).get("param_shapes") or []
                 check_shapes(self.parameter_shapes(), {k: v for group in saved for k, v in group.items()}, str(path))
-            loaded, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_DIR, load_lr_scheduler_states=False)
+            if written_at == self.engine.world_size:
+                loaded, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_DIR, load_lr_scheduler_states=False)
+            else:
+                universal = universal_copy(path, is_main=self.engine.global_rank == 0)
+                self.engine._config.load_universal_checkpoint = True  # read at load time only
+                try:
+                    loaded, _ = self.engine.load_checkpoint(str(universal.parent), tag=universal.name,
+                                                            load_lr_scheduler_states=False)
+                finally:
+                    self.engine._config.load_universal_checkpoint = False
+                # The universal format keeps AdamW's moments but not its step count (bias correction).
+                for state in self.optimizer.state.values():
+                    state["step"] = torch.full_like(state["step"], manifest["step"]) \
+                        if isinstance(state.get("step"), torch.Tensor) else manifest["step"]
         if loaded is None:
             raise PretrainError(f"{path / DEEPSPEED_DIR} holds no DeepSpeed state; the checkpoint is damaged, "
                                 "resume from an earlier one with --checkpoint.resume_from")
+
+
+def universal_copy(path: Path, is_main: bool) -> Path:
+    """`path`'s DeepSpeed checkpoint in DeepSpeed's universal format (converted by the main rank
+    the first time, written whole or not at all); call on every rank."""
+    import torch.distributed as dist
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    universal = path.parent / f".universal_{path.name}" / "universal"
+    if is_main and not universal.is_dir():
+        log.info("converting %s (written at another world size) to DeepSpeed's universal format", path)
+        tmp = temporary_sibling(universal.parent)
+        ds_to_universal(argparse.Namespace(input_folder=str(path / DEEPSPEED_DIR), output_folder=str(tmp / "universal"),
+                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                           strict=True, inject_missing_state=False))
+        publish(tmp, universal.parent)
+    dist.barrier()
+    return universal
