@@ -10,6 +10,8 @@ from typing import Callable
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pretrain.parallel import destroy_process_group
+
 
 def run_ranks(fn: Callable, world_size: int, *args: object, process_group: bool = True) -> None:
     """Call fn(rank, world_size, *args) in `world_size` fresh processes (spawned: forking a parent
@@ -33,4 +35,4 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, process_group: b
     try:
         fn(rank, world_size, *args)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()  # ours: the ranks leave together (see its docstring)
