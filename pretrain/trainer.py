@@ -247,6 +247,8 @@ class Trainer:
         blocked = self.checkpoints.save(self.step, self.engine, self.state_dict(), config_to_yaml(self.cfg),
                                         self.tokenizer.path)
         self.saved_step = self.step
+        if self.cfg.checkpoint.async_save:
+            log.info("checkpoint of step %d: training blocked %.2fs, writing it in the background", self.step, blocked)
         self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "checkpoint_blocked_s": blocked,
                           "checkpoint_async": self.cfg.checkpoint.async_save})
 
