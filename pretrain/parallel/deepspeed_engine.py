@@ -151,13 +151,18 @@ class DeepSpeedEngine:
                 loaded, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_DIR, load_lr_scheduler_states=False)
             else:
                 universal = universal_copy(path, is_main=self.engine.global_rank == 0)
+                # ZeRO-3's universal load gives every parameter group the first group's hyper-
+                # parameters (norm gains would be decayed) and drops AdamW's step count.
+                hyper = [{key: group[key] for key in ("weight_decay", "betas", "eps")}
+                         for group in self.optimizer.param_groups]
                 self.engine._config.load_universal_checkpoint = True  # read at load time only
                 try:
                     loaded, _ = self.engine.load_checkpoint(str(universal.parent), tag=universal.name,
                                                             load_lr_scheduler_states=False)
                 finally:
                     self.engine._config.load_universal_checkpoint = False
-                # The universal format keeps AdamW's moments but not its step count (bias correction).
+                for group, kept in zip(self.optimizer.param_groups, hyper):
+                    group.update(kept)
                 for state in self.optimizer.state.values():
                     state["step"] = torch.full_like(state["step"], manifest["step"]) \
                         if isinstance(state.get("step"), torch.Tensor) else manifest["step"]

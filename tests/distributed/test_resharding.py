@@ -43,11 +43,8 @@ def test_resume_at_another_world_size_continues_the_same_run(backend, first, the
     assert Path(tmp_path / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").is_file()
 
 
-# ZeRO-2 continues within 1e-5. ZeRO-3 restores the weights exactly (the first resumed step's loss
-# matches) but its updates then differ by ~2e-5 relative, 7e-5 after 6 steps: something in
-# DeepSpeed's ZeRO-3 universal restore of the optimizer is not exact (not yet found).
-@pytest.mark.parametrize("stage, rel", [(2, 1e-5), (3, 1e-4)])
-def test_deepspeed_resumes_at_another_world_size_through_its_universal_checkpoint(stage, rel, tmp_path, corpus_file,
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resumes_at_another_world_size_through_its_universal_checkpoint(stage, tmp_path, corpus_file,
                                                                                   tokenizer_file):
     """2 ranks -> 1 process, against the same ZeRO stage uninterrupted on 1 process."""
     extra = {"parallel__backend": "deepspeed", "parallel__zero_stage": stage, "checkpoint__every": 100}
@@ -58,7 +55,7 @@ def test_deepspeed_resumes_at_another_world_size_through_its_universal_checkpoin
     got = losses(tmp_path)
     assert len(got) == STEPS
     assert got[STEPS // 2] == pytest.approx(uninterrupted[STEPS // 2], rel=1e-6)  # the restored weights
-    assert got == pytest.approx(uninterrupted, rel=rel), json.dumps({"expected": uninterrupted, "got": got})
+    assert got == pytest.approx(uninterrupted, rel=1e-5), json.dumps({"expected": uninterrupted, "got": got})
     assert (tmp_path / "checkpoints" / f".universal_step_{STEPS // 2:08d}" / "universal").is_dir()
 
 
