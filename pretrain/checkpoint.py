@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain.atomic_dir import publish, temporary_path, temporary_sibling
@@ -35,15 +34,13 @@ from pretrain.checkpoint_layout import (
 )
 from pretrain.config import CheckpointConfig
 from pretrain.errors import CorruptCheckpoint, PretrainError
-from pretrain.parallel import DistInfo, Engine, side_group
+from pretrain.parallel import DistInfo, Engine, barrier, side_group
 
 log = logging.getLogger(__name__)
 
 @dataclass
 class _PendingSave:
     future: Future
-    tmp: Path
-    final: Path
     step: int
     manifest: dict
     started: float
@@ -57,6 +54,7 @@ class CheckpointManager:
         self.cfg, self.dist = cfg, dist_info
         self.root = Path(out_dir) / "checkpoints"
         self.pending: _PendingSave | None = None
+        self.saved_step: int | None = None  # the newest checkpoint this run saved or resumed from
         self.group = side_group() if cfg.async_save else None
         if dist_info.is_main:
             recover_interrupted_writes(self.root)
@@ -78,7 +76,7 @@ class CheckpointManager:
         self.finish()  # one write at a time
         final = checkpoint_dir(self.root, step)
         tmp = temporary_sibling(final) if self.dist.is_main else temporary_path(final)
-        _barrier()
+        barrier()
         (tmp / RNG_DIR).mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / RNG_DIR / f"rank_{self.dist.rank:05d}.pt")
         manifest = {"format_version": FORMAT_VERSION, "step": step, "tokens_seen": state.get("tokens_seen"),
@@ -88,40 +86,39 @@ class CheckpointManager:
             torch.save(state, tmp / TRAINER_STATE)
             (tmp / CONFIG).write_text(config_yaml)
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        self.saved_step = step
         if self.cfg.async_save:
-            future = engine.save_async(tmp, self.group)
-            self.pending = _PendingSave(future, tmp, final, step, manifest, start)
+            self.pending = _PendingSave(engine.save_async(tmp, self.group), step, manifest, start)
             return time.perf_counter() - start
         engine.save(tmp)
-        _barrier()
+        barrier()
         if self.dist.is_main:
-            self._publish(tmp, final, manifest, start)
-        _barrier()
+            self._publish(step, manifest, start)
+        barrier()
         return time.perf_counter() - start
 
-    def poll(self) -> int | None:
-        """Publish a background write that has completed; returns its step (None if nothing was
-        published). Cheap: call it every step."""
-        if self.pending is None or not self.pending.future.done():
-            return None
-        return self._complete()
+    def poll(self) -> None:
+        """Publish a background write that has completed. Cheap: call it every step."""
+        if self.pending is not None and self.pending.future.done():
+            self.finish()
 
-    def finish(self) -> int | None:
+    def finish(self) -> None:
         """Wait for a background write and publish it (before exiting or saving again)."""
-        return self._complete() if self.pending is not None else None
-
-    def _complete(self) -> int:
+        if self.pending is None:
+            return
         pending, self.pending = self.pending, None
         try:
             pending.future.result()
         except Exception as exc:
-            raise PretrainError(f"writing checkpoint {pending.final} failed ({exc}); the previous checkpoints "
-                                "are intact. Check free disk space and permissions of out_dir") from exc
+            raise PretrainError(f"writing checkpoint {checkpoint_dir(self.root, pending.step)} failed ({exc}); the "
+                                "previous checkpoints are intact. Check free disk space and permissions of "
+                                "out_dir") from exc
         if self.dist.is_main:  # DCP completes the future once every rank's shards are written
-            self._publish(pending.tmp, pending.final, pending.manifest, pending.started)
-        return pending.step
+            self._publish(pending.step, pending.manifest, pending.started)
 
-    def _publish(self, tmp: Path, final: Path, manifest: dict, started: float) -> None:
+    def _publish(self, step: int, manifest: dict, started: float) -> None:
+        final = checkpoint_dir(self.root, step)
+        tmp = temporary_path(final)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {**manifest, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -172,6 +169,7 @@ class CheckpointManager:
             log.info("the checkpoint was written by %s ranks, this run has %d: random states start afresh "
                      "(the data order and the model do not depend on them)", manifest.get("world_size"),
                      self.dist.world_size)
+        self.saved_step = manifest["step"]
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return state
 
@@ -213,8 +211,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

@@ -1,5 +1,6 @@
-"""The on-disk layout of a checkpoint, out_dir/checkpoints/step_{step:08d}/, and how to tell a
-whole one. Light (no torch.distributed): the exporter and the trainer both read it.
+"""The on-disk layout of a checkpoint, out_dir/checkpoints/step_{step:08d}/, how to tell a whole
+one, and whether its weights fit a model. Light (no torch.distributed): the exporter and the
+trainer's engines both use it.
 
 Layout of one checkpoint (format_version 1):
   manifest.json      written last: format_version, step, tokens_seen, engine, world_size,
@@ -19,7 +20,14 @@ Everything is written into .tmp_step_N/, flushed to disk, then renamed into plac
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from pretrain.errors import PretrainError
+from pretrain.models.args import ModelArgs
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -64,3 +72,49 @@ def damage(path: Path) -> str | None:
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, the manifest says {size} (truncated or overwritten)"
     return None
+
+
+def dcp_model_shapes(metadata: Any) -> dict[str, torch.Size]:
+    """Parameter name -> full shape of the model tensors listed in a DCP checkpoint's metadata."""
+    return {key.removeprefix(DCP_MODEL_PREFIX): entry.size for key, entry in metadata.state_dict_metadata.items()
+            if key.startswith(DCP_MODEL_PREFIX) and hasattr(entry, "size")}
+
+
+def check_shapes(expected: Mapping[str, torch.Size], weights: Mapping[str, torch.Size | torch.Tensor], source: str,
+                 args: ModelArgs | None = None) -> None:
+    """Raise PretrainError for the first parameter of `expected` (this model's config) that
+    `weights` lacks or holds with another shape, or for a parameter it holds beyond them. `args`
+    adds the config values that determine the offending shape to the message."""
+    shapes = {name: tuple(w.shape if isinstance(w, torch.Tensor) else w) for name, w in weights.items()}
+    fix = ("the weights were made for a different model shape: set the model.* values they were trained "
+           "with (a checkpoint's config.yaml lists them)")
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise PretrainError(f"{source}: parameter {name} of this model's config is missing from the checkpoint"
+                                f"{_config_values(name, args)}; {fix}")
+        if shapes[name] != tuple(shape):
+            raise PretrainError(f"{source}: parameter {name} has shape {shapes[name]} in the checkpoint but "
+                                f"{tuple(shape)} in this model's config{_config_values(name, args)}; {fix}")
+    for name in shapes:
+        if name not in expected:
+            raise PretrainError(f"{source}: the checkpoint has parameter {name}, which this model's config does not "
+                                f"have{_config_values(name, args)}; {fix}")
+
+
+# Which config values decide a parameter's shape (or, for layers.N, whether it exists).
+_SHAPE_FIELDS = (
+    (r"tok_embeddings|output", ("vocab_size", "d_model")),
+    (r"\.w[qo]\.", ("d_model", "n_heads")),
+    (r"\.w[kv]\.", ("d_model", "n_heads", "n_kv_heads")),
+    (r"feed_forward", ("d_model", "ffn_hidden")),
+    (r"norm", ("d_model",)),
+)
+
+
+def _config_values(name: str, args: ModelArgs | None) -> str:
+    if args is None:
+        return ""
+    fields = next((f for pattern, f in _SHAPE_FIELDS if re.search(pattern, name)), ())
+    if name.startswith("layers."):
+        fields = ("n_layers", *fields)
+    return " (" + ", ".join(f"model.{f}={getattr(args, f)}" for f in fields) + ")" if fields else ""

@@ -87,7 +87,6 @@ class Trainer:
             self.peak_flops, peak_source = peak_flops(self.device, self.precision)
         self.step = 0
         self.tokens_seen = 0
-        self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote
         self.exit_code = 0  # PREEMPTED_EXIT_CODE once a preemption signal stopped the run
         self.resume(resume_candidates)
         log.info(
@@ -131,7 +130,7 @@ class Trainer:
             if any_rank(signals.requested is not None) and self.step < last_step:
                 self.stop_for_preemption()
                 return
-        self.checkpoints.finish()
+        self.checkpoints.finish()  # the last checkpoint is published before sampling, which may take long
         if cfg.eval.sample_tokens:
             self.write_samples()
         self.close()
@@ -149,13 +148,12 @@ class Trainer:
 
     def stop_for_preemption(self) -> None:
         """Save a checkpoint of the step just finished (unless there is one) and stop."""
-        if self.saved_step != self.step:
+        if self.checkpoints.saved_step != self.step:
             self.save_checkpoint()
-        self.checkpoints.finish()
+        self.close()  # publishes the checkpoint if it is still being written
         log.warning("preempted: stopped after step %d with a checkpoint; exiting with code %d so the job is "
                     "requeued (it resumes from that checkpoint)", self.step, PREEMPTED_EXIT_CODE)
         self.exit_code = PREEMPTED_EXIT_CODE
-        self.close()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `grad_accum` micro-batches; returns (this rank's mean loss, grad norm)."""
@@ -246,7 +244,6 @@ class Trainer:
     def save_checkpoint(self) -> None:
         blocked = self.checkpoints.save(self.step, self.engine, self.state_dict(), config_to_yaml(self.cfg),
                                         self.tokenizer.path)
-        self.saved_step = self.step
         if self.cfg.checkpoint.async_save:
             log.info("checkpoint of step %d: training blocked %.2fs, writing it in the background", self.step, blocked)
         self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "checkpoint_blocked_s": blocked,
@@ -259,7 +256,6 @@ class Trainer:
         for path in candidates:
             try:
                 self.load_state_dict(self.checkpoints.load(path, self.engine))
-                self.saved_step = self.step
                 return
             except CorruptCheckpoint as exc:
                 if self.cfg.checkpoint.resume_from:

@@ -19,6 +19,7 @@ from pretrain.data.producer import StepPieces
 from pretrain.data.sources import RecordErrors, TextSource
 from pretrain.data.stream import IndexedSource, Mixture, StreamPlan, default_lanes
 from pretrain.errors import PretrainError
+from pretrain.parallel.distributed import sum_over_ranks
 from tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class TrainData:
         (call on every rank: the counts are summed over ranks)."""
         total = max(int(self.positions_by_source.sum()), 1)
         record = {"mix_share": {name: int(n) / total for name, n in zip(self.names, self.positions_by_source)}}
-        skipped = _sum_over_ranks(self.skipped)
+        skipped = sum_over_ranks(torch.from_numpy(self.skipped)).numpy()
         if skipped.any():
             record["bad_records"] = {name: int(n) for name, n in zip(self.names, skipped)}
         return record
@@ -189,7 +190,7 @@ class TrainData:
             # cursors[lane][source] = [item, token offset], for streamed sources (None for indexed ones)
             "cursors": [[list(cursors[lane][i]) if i in self.streamed else None for i in range(len(self.names))]
                         for lane in range(self.plan.n_lanes)],
-            "skipped": _sum_over_ranks(self.skipped).tolist(),
+            "skipped": sum_over_ranks(torch.from_numpy(self.skipped)).numpy().tolist(),
             "epochs": list(self.epochs),
         }
 
@@ -240,11 +241,3 @@ def _gather_cursors(mine: dict[int, dict]) -> dict[int, dict]:
     gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(gathered, mine)
     return {lane: cursor for part in gathered for lane, cursor in part.items()}
-
-
-def _sum_over_ranks(counts: np.ndarray) -> np.ndarray:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return counts
-    total = torch.from_numpy(counts.copy())
-    dist.all_reduce(total)
-    return total.numpy()

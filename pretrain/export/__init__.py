@@ -1,13 +1,13 @@
 """Weights out of training: `pretrain export` (Hugging Face and plain torch formats) and the
 reader behind `--checkpoint.init_from`.
 
-    weights.py        load_weights / iter_checkpoint_weights / check_shapes: our names, any source
+    weights.py        load_weights / iter_checkpoint_weights: our names, from any source
     readers.py        a checkpoint's manifest, config and weights (DCP or DeepSpeed), streamed
     names.py          our parameter names <-> Hugging Face Llama's; wrapper prefixes dropped
     hf.py             --format hf: config.json, safetensors, generation config, tokenizer, parity gate
     torch_format.py   --format torch: model.pt + config.yaml + tokenizer.model
 """
 
-from pretrain.export.weights import check_shapes, expected_shapes, iter_checkpoint_weights, load_weights
+from pretrain.export.weights import expected_shapes, iter_checkpoint_weights, load_weights
 
-__all__ = ["check_shapes", "expected_shapes", "iter_checkpoint_weights", "load_weights"]
+__all__ = ["expected_shapes", "iter_checkpoint_weights", "load_weights"]

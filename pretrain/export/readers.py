@@ -17,12 +17,19 @@ import torch
 import yaml
 
 from pretrain import checkpoint_layout
-from pretrain.checkpoint_layout import DCP_MODEL_PREFIX, DEEPSPEED_DIR, FORMAT_VERSION, MANIFEST, TOKENIZER
+from pretrain.checkpoint_layout import (
+    DCP_MODEL_PREFIX,
+    DEEPSPEED_DIR,
+    FORMAT_VERSION,
+    MANIFEST,
+    TOKENIZER,
+    dcp_model_shapes,
+)
 from pretrain.config import Config
 from pretrain.config_parse import build, load_yaml_text
 from pretrain.errors import ConfigError, PretrainError
 from pretrain.export.names import strip_wrappers
-
+from pretrain.safe_load import SafeFileSystemReader, weights_only_loads
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
@@ -92,22 +99,13 @@ class DcpReader:
     the requested tensors, whatever world size wrote them and however they were sharded."""
 
     def __init__(self, ckpt_dir: Path):
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        from pretrain.safe_load import SafeFileSystemReader
-
         self.path = ckpt_dir
-        self._reader_type = SafeFileSystemReader
-        metadata = SafeFileSystemReader(str(ckpt_dir)).read_metadata()
-        self._keys: dict[str, str] = {}  # canonical name -> key in the checkpoint
-        self.shapes = {}
-        for key, item in metadata.state_dict_metadata.items():
-            if key.startswith(DCP_MODEL_PREFIX) and isinstance(item, TensorStorageMetadata):
-                name = strip_wrappers(key[len(DCP_MODEL_PREFIX):])
-                self._keys[name], self.shapes[name] = key, item.size
-        if not self.shapes:
+        stored = dcp_model_shapes(SafeFileSystemReader(str(ckpt_dir)).read_metadata())
+        if not stored:
             raise PretrainError(f"{ckpt_dir} holds no model weights (no '{DCP_MODEL_PREFIX}*' tensors in its "
                                 ".metadata); the checkpoint is damaged or was not written by pretrain")
+        self._keys = {strip_wrappers(name): DCP_MODEL_PREFIX + name for name in stored}  # ours -> key on disk
+        self.shapes = {strip_wrappers(name): shape for name, shape in stored.items()}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         import torch.distributed.checkpoint as dcp
@@ -116,7 +114,7 @@ class DcpReader:
         with warnings.catch_warnings():  # DCP warns that no process group exists: intended here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             # no_dist: only this process reads, even inside a distributed job (init_from on rank 0)
-            dcp.load(state, storage_reader=self._reader_type(str(self.path)), no_dist=True)
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(self.path)), no_dist=True)
         return {n: state[self._keys[n]] for n in names}
 
 
@@ -127,8 +125,6 @@ class DeepSpeedReader:
 
     def __init__(self, ckpt_dir: Path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from pretrain.safe_load import weights_only_loads
 
         if not (ckpt_dir / DEEPSPEED_DIR).is_dir():
             raise PretrainError(f"{ckpt_dir} is a DeepSpeed checkpoint without its {DEEPSPEED_DIR}/ directory; "

@@ -5,12 +5,12 @@ directory. Used by `pretrain export` and by `--checkpoint.init_from`."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
 
+from pretrain.checkpoint_layout import check_shapes
 from pretrain.errors import PretrainError
 from pretrain.export.names import from_hf_name, strip_wrappers
 from pretrain.export.readers import MANIFEST, checkpoint_config, open_reader, read_manifest
@@ -75,46 +75,6 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     raise PretrainError(f"{path} holds no weights pretrain can read: expected a checkpoint directory (with "
                         f"{MANIFEST}), a `pretrain export --format torch` output ({TORCH_FILE}) or a "
                         f"`--format hf` output ({SAFETENSORS_FILE} or {SAFETENSORS_INDEX})")
-
-
-def check_shapes(expected: Mapping[str, torch.Size], weights: Mapping[str, torch.Size | torch.Tensor], source: str,
-                 args: ModelArgs | None = None) -> None:
-    """Raise PretrainError for the first parameter of `expected` (this model's config) that
-    `weights` lacks or holds with another shape, or for a parameter it holds beyond them. `args`
-    adds the config values that determine the offending shape to the message."""
-    shapes = {name: tuple(w.shape if isinstance(w, torch.Tensor) else w) for name, w in weights.items()}
-    fix = ("the weights were made for a different model shape: set the model.* values they were trained "
-           "with (a checkpoint's config.yaml lists them)")
-    for name, shape in expected.items():
-        if name not in shapes:
-            raise PretrainError(f"{source}: parameter {name} of this model's config is missing from the checkpoint"
-                                f"{_config_values(name, args)}; {fix}")
-        if shapes[name] != tuple(shape):
-            raise PretrainError(f"{source}: parameter {name} has shape {shapes[name]} in the checkpoint but "
-                                f"{tuple(shape)} in this model's config{_config_values(name, args)}; {fix}")
-    for name in shapes:
-        if name not in expected:
-            raise PretrainError(f"{source}: the checkpoint has parameter {name}, which this model's config does not "
-                                f"have{_config_values(name, args)}; {fix}")
-
-
-# Which config values decide a parameter's shape (or, for layers.N, whether it exists).
-_SHAPE_FIELDS = (
-    (r"tok_embeddings|output", ("vocab_size", "d_model")),
-    (r"\.w[qo]\.", ("d_model", "n_heads")),
-    (r"\.w[kv]\.", ("d_model", "n_heads", "n_kv_heads")),
-    (r"feed_forward", ("d_model", "ffn_hidden")),
-    (r"norm", ("d_model",)),
-)
-
-
-def _config_values(name: str, args: ModelArgs | None) -> str:
-    if args is None:
-        return ""
-    fields = next((f for pattern, f in _SHAPE_FIELDS if re.search(pattern, name)), ())
-    if name.startswith("layers."):
-        fields = ("n_layers", *fields)
-    return " (" + ", ".join(f"model.{f}={getattr(args, f)}" for f in fields) + ")" if fields else ""
 
 
 def _groups(names: list[str], shapes: Mapping[str, torch.Size], max_bytes: int) -> Iterator[list[str]]:

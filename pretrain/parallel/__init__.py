@@ -12,8 +12,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor.experimental import implicit_replication
 
+from pretrain.checkpoint_layout import check_shapes
 from pretrain.config import Config
-from pretrain.export.weights import check_shapes
 from pretrain.optim import build_optimizer
 from pretrain.parallel.activation import apply_activation_checkpointing
 from pretrain.parallel.compile import apply_compile
@@ -21,6 +21,7 @@ from pretrain.parallel.ddp import apply_ddp
 from pretrain.parallel.distributed import (
     DistInfo,
     any_rank,
+    barrier,
     collective_failures_named,
     destroy_process_group,
     dist_info_from_env,
@@ -33,7 +34,7 @@ from pretrain.parallel.distributed import (
 from pretrain.parallel.engine import Engine, TorchEngine
 from pretrain.parallel.fsdp import apply_fsdp, build_mesh
 
-__all__ = ["DistInfo", "Engine", "any_rank", "build_engine", "collective_failures_named", "destroy_process_group",
+__all__ = ["DistInfo", "Engine", "any_rank", "barrier", "build_engine", "collective_failures_named", "destroy_process_group",
            "dist_info_from_env", "init_process_group", "main_rank_first", "materialize", "select_device",
            "side_group", "sum_over_ranks"]
 

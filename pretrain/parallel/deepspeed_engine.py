@@ -23,11 +23,11 @@ from deepspeed.checkpoint.constants import (
 from torch import nn
 
 from pretrain.atomic_dir import publish, temporary_sibling
-from pretrain.checkpoint_layout import DEEPSPEED_DIR, read_manifest
+from pretrain.checkpoint_layout import DEEPSPEED_DIR, check_shapes, read_manifest
 from pretrain.config import Config, grad_accum_steps
 from pretrain.errors import PretrainError
-from pretrain.export.weights import check_shapes
 from pretrain.optim import build_optimizer, parameter_groups
+from pretrain.parallel.distributed import barrier
 from pretrain.safe_load import weights_only_loads
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,6 @@ class DeepSpeedEngine:
 def universal_copy(path: Path, is_main: bool) -> Path:
     """`path`'s DeepSpeed checkpoint in DeepSpeed's universal format (converted by the main rank
     the first time, written whole or not at all); call on every rank."""
-    import torch.distributed as dist
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     universal = path.parent / f".universal_{path.name}" / "universal"
@@ -185,5 +184,5 @@ def universal_copy(path: Path, is_main: bool) -> Path:
                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                            strict=True, inject_missing_state=False))
         publish(tmp, universal.parent)
-    dist.barrier()
+    barrier()
     return universal

@@ -92,12 +92,14 @@ def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 def any_rank(flag: bool) -> bool:
-    """Whether `flag` is true on at least one rank (a CPU collective, no device sync)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    """Whether `flag` is true on at least one rank (a CPU tensor: gloo, no device sync)."""
+    return bool(sum_over_ranks(torch.tensor(int(flag))).item())
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def side_group() -> dist.ProcessGroup | None:

@@ -25,8 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from pretrain.checkpoint_layout import DCP_MODEL_PREFIX
-from pretrain.export.weights import check_shapes
+from pretrain.checkpoint_layout import check_shapes, dcp_model_shapes
 from pretrain.safe_load import SafeFileSystemReader
 
 # DCP warns on every save and load without a process group (also from an asynchronous save's
@@ -94,10 +93,7 @@ class TorchEngine:
 
     def load(self, path: Path) -> None:
         reader = SafeFileSystemReader(str(path))
-        metadata = reader.read_metadata()
-        stored = {key.removeprefix(DCP_MODEL_PREFIX): entry.size for key, entry in metadata.state_dict_metadata.items()
-                  if key.startswith(DCP_MODEL_PREFIX) and hasattr(entry, "size")}
-        check_shapes(self.parameter_shapes(), stored, str(path))
+        check_shapes(self.parameter_shapes(), dcp_model_shapes(reader.read_metadata()), str(path))
         state = self._state()
         dcp.load(state, storage_reader=reader)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -11,24 +11,25 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a test dependency (the `test` extra): never skipped
 
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.errors import PretrainError
-from pretrain.export import check_shapes, expected_shapes, load_weights
+from pretrain.checkpoint_layout import check_shapes
+from pretrain.export import expected_shapes, load_weights
 from pretrain.export import hf as hf_module
 from pretrain.export.hf import export_hf
 from pretrain.export.names import from_hf_name, strip_wrappers, to_hf_name
 from pretrain.export.parity import build_model
 from pretrain.export.shards import parse_size, plan_shards
 from pretrain.export.torch_format import export_torch
-from pretrain.parallel import dist_info_from_env
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
 from tests.distributed.ranks import run_ranks
+from tests.distributed.runs import rank_train
 from tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
 STEPS = 2
@@ -56,16 +57,6 @@ def dcp_runs(tmp_path_factory, corpus_file, tokenizer_file) -> dict[str, tuple[P
     return runs
 
 
-def _rank_train(rank: int, world_size: int, run_dir: Path, corpus: Path, tokenizer: Path, extra: dict) -> None:
-    overrides = tiny_overrides(run_dir, corpus, tokenizer, train__max_steps=STEPS, checkpoint__every=STEPS,
-                               train__micro_batch_size=2, **extra)
-    trainer = Trainer(load_config(None, overrides, world_size=world_size), dist_info_from_env("cpu"))
-    trainer.train()
-    weights = trainer.engine.full_state_dict()
-    if weights:
-        torch.save(weights, run_dir / "weights.pt")
-
-
 TWO_RANKS = {
     # DeepSpeed's own format, parameters partitioned; a tied head and wrapped blocks
     "zero3": {"parallel__backend": "deepspeed", "parallel__zero_stage": 3,
@@ -79,7 +70,8 @@ TWO_RANKS = {
 def two_rank_run(request, tmp_path_factory, corpus_file, tokenizer_file) -> tuple[Path, dict]:
     """A checkpoint written by 2 ranks and the run's final weights."""
     run_dir = tmp_path_factory.mktemp(request.param)
-    run_ranks(_rank_train, 2, run_dir, corpus_file, tokenizer_file, TWO_RANKS[request.param])
+    run_ranks(rank_train, 2, run_dir, corpus_file, tokenizer_file,
+              {"train__max_steps": STEPS, "checkpoint__every": STEPS, **TWO_RANKS[request.param]})
     weights = torch.load(run_dir / "weights.pt", weights_only=True)
     return checkpoint_of(run_dir), {strip_wrappers(k): v for k, v in weights.items()}
 
