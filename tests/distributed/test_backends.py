@@ -9,37 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.config import load_config
-from pretrain.parallel import dist_info_from_env
 from pretrain.safe_load import SafeFileSystemReader
-from pretrain.trainer import Trainer
-from tests.conftest import read_metrics, tiny_overrides
 from tests.distributed.ranks import run_ranks
+from tests.distributed.runs import STEPS, losses, rank_train, train
 
 pytestmark = pytest.mark.slow
-
-STEPS = 12
-# 8 sequences per step: one process accumulates 4 micro-batches of 2, each of 2 ranks 2 of 2.
-SHARED = {"train__max_steps": STEPS, "train__micro_batch_size": 2, "train__global_batch_sequences": 8,
-          "optim__warmup_steps": 3, "model__n_layers": 3, "logging__every": 1, "eval__every": 6, "eval__batches": 4}
-
-
-def train(run_dir: Path, corpus: Path, tokenizer: Path, world_size: int, **extra: object) -> None:
-    """Train (in this process, which is one rank of `world_size`) and save rank 0's final weights."""
-    cfg = load_config(None, tiny_overrides(run_dir, corpus, tokenizer, **SHARED, **extra), world_size=world_size)
-    trainer = Trainer(cfg, dist_info_from_env("cpu"))
-    trainer.train()
-    weights = trainer.engine.full_state_dict()
-    if weights:
-        torch.save(weights, run_dir / "weights.pt")
-
-
-def _rank_train(rank: int, world_size: int, run_dir: Path, corpus: Path, tokenizer: Path, extra: dict) -> None:
-    train(run_dir, corpus, tokenizer, world_size, **extra)
-
-
-def losses(run_dir: Path, key: str = "loss") -> list[float]:
-    return [r[key] for r in read_metrics(run_dir) if key in r]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +49,7 @@ CASES = [(name, False) for name in BACKENDS] + [(name, True) for name in ("ddp",
 
 @pytest.mark.parametrize("backend, tied", CASES, ids=[f"{name}-{'tied' if tied else 'untied'}" for name, tied in CASES])
 def test_two_ranks_match_one_process(backend, tied, single_process, tmp_path, corpus_file, tokenizer_file):
-    run_ranks(_rank_train, 2, tmp_path, corpus_file, tokenizer_file,
+    run_ranks(rank_train, 2, tmp_path, corpus_file, tokenizer_file,
               {**BACKENDS[backend], "model__tie_embeddings": tied})
     reference_run = single_process[tied]
     expected, got = losses(reference_run), losses(tmp_path)
@@ -103,13 +77,13 @@ RESUME_CASES = {
 def test_two_ranks_resume_exactly(case, tmp_path, corpus_file, tokenizer_file):
     """N steps straight == N/2, stop, resume from the checkpoint, N/2 more: identical losses."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_ranks(_rank_train, 2, straight, corpus_file, tokenizer_file, RESUME_CASES[case])
+    run_ranks(rank_train, 2, straight, corpus_file, tokenizer_file, RESUME_CASES[case])
     stop = {**RESUME_CASES[case], "checkpoint__every": 4}
-    run_ranks(_rank_train, 2, resumed, corpus_file, tokenizer_file, {**stop, "train__stop_at": STEPS // 2})
+    run_ranks(rank_train, 2, resumed, corpus_file, tokenizer_file, {**stop, "train__stop_at": STEPS // 2})
     checkpoint = resumed / "checkpoints" / f"step_{STEPS // 2:08d}"
     assert (checkpoint / "manifest.json").is_file()
     assert stored_parameter_names(checkpoint) == set(torch.load(straight / "weights.pt"))  # the model's own names
-    run_ranks(_rank_train, 2, resumed, corpus_file, tokenizer_file, stop)
+    run_ranks(rank_train, 2, resumed, corpus_file, tokenizer_file, stop)
     assert losses(resumed) == losses(straight)
     reference, weights = torch.load(straight / "weights.pt"), torch.load(resumed / "weights.pt")
     assert all(torch.equal(weights[name], value) for name, value in reference.items())

@@ -16,7 +16,7 @@ from pretrain.parallel import dist_info_from_env
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
 from tests.distributed.ranks import run_ranks
-from tests.distributed.test_backends import SHARED, STEPS, _rank_train, losses
+from tests.distributed.runs import SHARED, STEPS, losses, rank_train
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, corpus_file, tokenizer_file) -> list[float]:
     run = tmp_path_factory.mktemp("uninterrupted")
-    run_ranks(_rank_train, 2, run, corpus_file, tokenizer_file, {"parallel__backend": "fsdp"})
+    run_ranks(rank_train, 2, run, corpus_file, tokenizer_file, {"parallel__backend": "fsdp"})
     return losses(run)
 
 
@@ -33,10 +33,10 @@ def uninterrupted(tmp_path_factory, corpus_file, tokenizer_file) -> list[float]:
 def test_resume_at_another_world_size_continues_the_same_run(backend, first, then, uninterrupted, tmp_path,
                                                              corpus_file, tokenizer_file):
     extra = {"parallel__backend": backend, "checkpoint__every": 100}
-    run_ranks(_rank_train, first, tmp_path, corpus_file, tokenizer_file, {**extra, "train__stop_at": STEPS // 2})
+    run_ranks(rank_train, first, tmp_path, corpus_file, tokenizer_file, {**extra, "train__stop_at": STEPS // 2})
     manifest = json.loads((tmp_path / "checkpoints" / f"step_{STEPS // 2:08d}" / "manifest.json").read_text())
     assert manifest["world_size"] == first
-    run_ranks(_rank_train, then, tmp_path, corpus_file, tokenizer_file, extra)
+    run_ranks(rank_train, then, tmp_path, corpus_file, tokenizer_file, extra)
     got = losses(tmp_path)
     assert len(got) == STEPS == SHARED["train__max_steps"]
     assert got == pytest.approx(uninterrupted, rel=1e-5), json.dumps({"expected": uninterrupted, "got": got})
@@ -48,10 +48,10 @@ def test_deepspeed_resumes_at_another_world_size_through_its_universal_checkpoin
                                                                                   tokenizer_file):
     """2 ranks -> 1 process, against the same ZeRO stage uninterrupted on 1 process."""
     extra = {"parallel__backend": "deepspeed", "parallel__zero_stage": stage, "checkpoint__every": 100}
-    run_ranks(_rank_train, 1, tmp_path / "straight", corpus_file, tokenizer_file, extra)
+    run_ranks(rank_train, 1, tmp_path / "straight", corpus_file, tokenizer_file, extra)
     uninterrupted = losses(tmp_path / "straight")
-    run_ranks(_rank_train, 2, tmp_path, corpus_file, tokenizer_file, {**extra, "train__stop_at": STEPS // 2})
-    run_ranks(_rank_train, 1, tmp_path, corpus_file, tokenizer_file, extra)
+    run_ranks(rank_train, 2, tmp_path, corpus_file, tokenizer_file, {**extra, "train__stop_at": STEPS // 2})
+    run_ranks(rank_train, 1, tmp_path, corpus_file, tokenizer_file, extra)
     got = losses(tmp_path)
     assert len(got) == STEPS
     assert got[STEPS // 2] == pytest.approx(uninterrupted[STEPS // 2], rel=1e-6)  # the restored weights
@@ -72,7 +72,7 @@ def _rank_initial_weights(rank: int, world_size: int, run_dir: Path, corpus: Pat
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
 def test_init_from_loads_full_weights_into_a_sharded_model(backend, tmp_path, corpus_file, tokenizer_file):
     source = tmp_path / "source"
-    run_ranks(_rank_train, 1, source, corpus_file, tokenizer_file, {"checkpoint__every": 100, "train__stop_at": 2})
+    run_ranks(rank_train, 1, source, corpus_file, tokenizer_file, {"checkpoint__every": 100, "train__stop_at": 2})
     checkpoint = source / "checkpoints" / "step_00000002"
     extra = {"parallel__backend": backend, "parallel__zero_stage": 3, "checkpoint__init_from": str(checkpoint)}
     if backend == "fsdp":
