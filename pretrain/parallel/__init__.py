@@ -9,7 +9,7 @@ import logging
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor.experimental import implicit_replication
 
 from pretrain.checkpoint_layout import check_shapes
@@ -31,7 +31,7 @@ from pretrain.parallel.distributed import (
     side_group,
     sum_over_ranks,
 )
-from pretrain.parallel.engine import Engine, TorchEngine
+from pretrain.parallel.engine import Engine, TorchEngine, model_shapes
 from pretrain.parallel.fsdp import apply_fsdp, build_mesh
 
 __all__ = ["DistInfo", "Engine", "any_rank", "barrier", "build_engine", "collective_failures_named", "destroy_process_group",
@@ -87,8 +87,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
 def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Copy a full state dict into `model`, plain or FSDP-sharded (each rank keeps its slice);
     a parameter whose shape differs is named in the error."""
-    expected = {name: value.shape for name, value in get_model_state_dict(model).items()}
-    check_shapes(expected, weights, source)
+    check_shapes(model_shapes(model), weights, source)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 

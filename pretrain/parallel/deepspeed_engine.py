@@ -133,7 +133,7 @@ class DeepSpeedEngine:
         state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         self.engine.save_checkpoint(str(path), tag=DEEPSPEED_DIR, client_state=state, save_latest=False)
 
-    def parameter_shapes(self) -> dict[str, torch.Size]:
+    def _parameter_shapes(self) -> dict[str, torch.Size]:
         """Full shapes (ZeRO-3 keeps each parameter's in `ds_shape`; its tensor is a shard)."""
         return {name: getattr(p, "ds_shape", p.shape) for name, p in self.engine.module.named_parameters()}
 
@@ -146,7 +146,7 @@ class DeepSpeedEngine:
             files = sorted((path / DEEPSPEED_DIR).glob("*model_states.pt"))
             if files:  # every rank's file records the full shapes of all parameters
                 saved = torch.load(files[0], map_location="cpu", weights_only=True).get("param_shapes") or []
-                check_shapes(self.parameter_shapes(), {k: v for group in saved for k, v in group.items()}, str(path))
+                check_shapes(self._parameter_shapes(), {k: v for group in saved for k, v in group.items()}, str(path))
             if written_at == self.engine.world_size:
                 loaded, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_DIR, load_lr_scheduler_states=False)
             else:

@@ -44,7 +44,6 @@ class Engine(Protocol):
     def save(self, path: Path) -> None: ...
     def save_async(self, path: Path, group: dist.ProcessGroup | None) -> Future: ...  # DCP engines only
     def load(self, path: Path) -> None: ...  # refuses a checkpoint whose parameter shapes differ, naming one
-    def parameter_shapes(self) -> dict[str, torch.Size]: ...  # full (unsharded) shape by parameter name
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
 
 
@@ -88,12 +87,9 @@ class TorchEngine:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         return {"model": model_state, "optimizer": optim_state}
 
-    def parameter_shapes(self) -> dict[str, torch.Size]:
-        return {name: value.shape for name, value in get_model_state_dict(self.model).items()}
-
     def load(self, path: Path) -> None:
         reader = SafeFileSystemReader(str(path))
-        check_shapes(self.parameter_shapes(), dcp_model_shapes(reader.read_metadata()), str(path))
+        check_shapes(model_shapes(self.model), dcp_model_shapes(reader.read_metadata()), str(path))
         state = self._state()
         dcp.load(state, storage_reader=reader)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -102,3 +98,8 @@ class TorchEngine:
         """The whole model's weights on rank 0's CPU; other ranks get {} (a collective under FSDP)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {k: v.detach().cpu() for k, v in get_model_state_dict(self.model, options=options).items()}
+
+
+def model_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Full (unsharded) shape of every state-dict entry by the model's own names, whatever wraps it."""
+    return {name: value.shape for name, value in get_model_state_dict(model).items()}
