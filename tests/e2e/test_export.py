@@ -71,7 +71,8 @@ def two_rank_run(request, tmp_path_factory, corpus_file, tokenizer_file) -> tupl
     """A checkpoint written by 2 ranks and the run's final weights."""
     run_dir = tmp_path_factory.mktemp(request.param)
     run_ranks(rank_train, 2, run_dir, corpus_file, tokenizer_file,
-              {"train__max_steps": STEPS, "checkpoint__every": STEPS, **TWO_RANKS[request.param]})
+              {"train__max_steps": STEPS, "optim__warmup_steps": STEPS, "checkpoint__every": STEPS,
+               "eval__every": 0, **TWO_RANKS[request.param]})
     weights = torch.load(run_dir / "weights.pt", weights_only=True)
     return checkpoint_of(run_dir), {strip_wrappers(k): v for k, v in weights.items()}
 
