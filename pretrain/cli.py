@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "twice in host memory); only for models too big for it")
     export.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     export.set_defaults(run=run_export)
+
+    from pretrain.scaling.cli import add_commands
+
+    add_commands(commands, OVERRIDES_HELP)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
 import time
@@ -97,17 +98,21 @@ def memory_gib(device: torch.device) -> float:
     return peak_kib / 2**20
 
 
+GLIBC_MALLOC_TUNABLES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc malloc to keep freed memory instead of returning it to the OS.
 
     By default every large activation is mmap'd and unmapped again each step, so a CPU training
     step page-faults its whole working set (measured here: ~1.5 GB per step, 10-20% slower and
     noisy). Equivalent to MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>. Returns False where
-    the C library is not glibc."""
+    the C library is not glibc, or where the user set glibc's own MALLOC_* tunables (their choice
+    wins: e.g. MALLOC_MMAP_THRESHOLD_=65536 makes the peak RSS track live tensors, to measure memory)."""
     import ctypes
     import ctypes.util
 
-    if sys.platform != "linux":
+    if sys.platform != "linux" or any(name in os.environ for name in GLIBC_MALLOC_TUNABLES):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -1,0 +1,229 @@
+"""The compute planner: a budget (FLOPs, or GPUs x days) or a fixed model size or token count
+in; a model shape, token count, batch size, learning rate, parallel layout and schedule out.
+
+The order of decisions: model size from the scaling law (compute-optimal, or inference-aware);
+the family's shape nearest that size (scaling/shapes.py); tokens from the budget and that shape's
+exact FLOPs per token; batch size and learning rate from DeepSeek LLM's fits at that compute;
+the first parallel layout that fits the GPU's memory (scaling/memory.py); days from the assumed
+MFU; the predicted loss from the law with repeated data discounted (Muennighoff et al.)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pretrain.errors import PretrainError
+from pretrain.models.args import ModelArgs, count_params, flops_per_token
+from pretrain.scaling.gpus import DEFAULT_GPU, GpuSpec, gpu_spec
+from pretrain.scaling.laws import (
+    DEFAULT_LAW,
+    SAFE_EPOCHS,
+    ScalingLaw,
+    deepseek_batch_tokens,
+    deepseek_lr,
+    effective_tokens,
+    inference_aware,
+    load_law,
+)
+from pretrain.scaling.memory import GIB, TrainingMemory, training_memory
+from pretrain.scaling.shapes import nearby_shapes, shape_for_params
+
+# Layouts in order of preference when several fit: least communication first.
+LAYOUTS = (("ddp", 0), ("fsdp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3))
+CHECKPOINTING = ("none", "selective", "full")  # cheapest recomputation first
+MAX_MICRO_BATCH = 16
+# Beyond the estimate: CUDA context, NCCL buffers and allocator fragmentation.
+RUNTIME_RESERVE_GIB, FRAGMENTATION = 2.0, 0.10
+DEFAULT_MFU = 0.40
+MAX_WARMUP_STEPS = 2000  # DeepSeek LLM's warmup, for which its learning-rate fit holds
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the user knows. The budget is `flops`, or `gpus` x `gpu` x `days` at `mfu`; either
+    may be replaced or complemented by a fixed `params` or `tokens`."""
+
+    flops: float | None = None
+    gpus: int | None = None
+    gpu: str | None = None
+    days: float | None = None
+    mfu: float = DEFAULT_MFU
+    params: float | None = None
+    tokens: float | None = None
+    law: str = DEFAULT_LAW
+    inference_tokens: float = 0.0
+    seq_len: int | None = None
+    vocab_size: int = 32000
+    source_tokens: dict[str, float] = field(default_factory=dict)  # unique tokens available per source
+    source_weights: dict[str, float] = field(default_factory=dict)  # mixture weights (default: equal)
+    price_per_gpu_hour: float | None = None
+
+
+@dataclass(frozen=True)
+class LayoutFit:
+    """The cheapest settings with which one backend fits (or its smallest footprint if none does)."""
+
+    backend: str
+    zero_stage: int
+    checkpointing: str
+    micro_batch: int
+    memory: TrainingMemory
+    fits: bool
+
+    @property
+    def label(self) -> str:
+        return f"zero{self.zero_stage}" if self.backend == "deepspeed" else self.backend
+
+
+@dataclass(frozen=True)
+class Plan:
+    law: ScalingLaw
+    shape: ModelArgs
+    params: int
+    tokens: int
+    flops: float
+    seq_len: int
+    global_batch_tokens: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    predicted_loss: float
+    effective_tokens: float
+    gpus: int
+    gpu: GpuSpec
+    mfu: float
+    days: float
+    cost: float | None
+    layouts: list[LayoutFit]
+    chosen: LayoutFit | None
+    budget_note: str
+    warnings: list[str]
+
+    @property
+    def micro_batch(self) -> int:
+        return self.chosen.micro_batch if self.chosen else 1
+
+
+def make_plan(request: PlanRequest) -> Plan:
+    r = request
+    law = load_law(r.law)
+    gpu = gpu_spec(r.gpu or DEFAULT_GPU)
+    hardware_budget = r.days is not None  # --gpus/--gpu alone only describe the cluster
+    if hardware_budget and r.gpus is None:
+        raise PretrainError("a hardware budget needs --gpus and --days (and --gpu, default h100), e.g. "
+                            "--gpus 64 --gpu h100 --days 21")
+    if r.gpus is not None and r.gpus < 1 or r.days is not None and r.days <= 0:
+        raise PretrainError(f"--gpus {r.gpus} and --days {r.days} must be positive")
+    if r.flops is not None and hardware_budget:
+        raise PretrainError("give the budget once: --flops, or --gpus/--gpu/--days")
+    if not 0 < r.mfu <= 1:
+        raise PretrainError(f"--mfu {r.mfu} must be in (0, 1]; 0.35-0.5 is typical for dense bf16 training")
+    budget = r.flops
+    if hardware_budget:
+        budget = r.gpus * gpu.bf16_flops * r.mfu * r.days * 86400
+    if budget is None and r.params is None and r.tokens is None:
+        raise PretrainError("nothing to plan from: give a budget (--flops, or --gpus/--gpu/--days), "
+                            "or a model size (--params) or a token count (--tokens)")
+    if r.params is not None and r.tokens is not None and budget is not None:
+        raise PretrainError("--params and --tokens fix the compute already; drop the budget or one of them")
+
+    if r.params is not None:
+        n_target, note = r.params, "model size given"
+    elif r.tokens is not None and budget is not None:
+        n_target, note = budget / (6 * r.tokens), "token count given, size from the budget"
+    elif r.tokens is not None:
+        n_target, note = law.optimal_params(r.tokens), "compute-optimal size for the token count"
+    elif r.inference_tokens > 0:
+        n_target, _ = inference_aware(law, budget, r.inference_tokens)
+        note = f"inference-aware for {r.inference_tokens:.3g} inference tokens (Sardana & Frankle 2023)"
+    else:
+        n_target, note = law.compute_optimal(budget)[0], "compute-optimal (Chinchilla allocation)"
+    seq_len = r.seq_len or (2048 if n_target < 1e9 else 4096)
+    shape = shape_for_params(n_target, r.vocab_size, seq_len)
+    if budget is not None and r.params is None and r.tokens is None and r.inference_tokens <= 0:
+        # The law's optimum assumes C = 6 N D; with the exact FLOPs per token (attention, head)
+        # the best shape of the family can be a neighbour: take the one of least loss.
+        shape = min(nearby_shapes(shape), key=lambda s: law.loss(count_params(s), budget / flops_per_token(s, seq_len)))
+    n_params = count_params(shape)
+    per_token = flops_per_token(shape, seq_len)
+    if r.tokens is not None:
+        tokens = r.tokens
+    elif budget is not None:
+        tokens = budget / per_token  # the budget spent on this exact shape, attention included
+    else:
+        tokens = law.optimal_tokens(n_params)
+
+    # DeepSeek LLM's compute excludes the embedding and the output head (its M).
+    core_flops = (per_token - 6 * shape.vocab_size * shape.d_model) * tokens
+    gpus = r.gpus or 8
+    sequences = 2 ** round(math.log2(max(1.0, deepseek_batch_tokens(core_flops) / seq_len)))
+    sequences = max(sequences, gpus)
+    batch_tokens = sequences * seq_len
+    steps = max(1, math.ceil(tokens / batch_tokens))
+    tokens = steps * batch_tokens
+    flops = float(per_token * tokens)
+    warmup = min(MAX_WARMUP_STEPS, max(1, round(0.1 * steps)))
+
+    warnings = []
+    d_eff = _effective_data(tokens, r, warnings)
+    layouts = [fit_layout(shape, seq_len, sequences // gpus, gpus, gpu, b, s) for b, s in LAYOUTS]
+    fitting = [f for f in layouts if f.fits]
+    chosen = min(fitting, key=lambda f: CHECKPOINTING.index(f.checkpointing)) if fitting else None
+    if chosen is None:
+        warnings.append(f"the model does not fit on {gpus} x {gpu.name} with any backend, even with full "
+                        "activation checkpointing at micro-batch 1: use more GPUs, a GPU with more memory, "
+                        "or parallel.offload_optimizer/offload_params (DeepSpeed)")
+    if sequences // gpus == 0 or sequences % gpus:
+        warnings.append(f"the global batch of {sequences} sequences does not split evenly over {gpus} GPUs")
+    days = flops / (gpus * gpu.bf16_flops * r.mfu) / 86400
+    cost = gpus * days * 24 * r.price_per_gpu_hour if r.price_per_gpu_hour is not None else None
+    if not hardware_budget:
+        note += f"; days for {gpus} x {gpu.name} at {r.mfu:.0%} MFU"
+    return Plan(law=law, shape=shape, params=n_params, tokens=tokens, flops=flops, seq_len=seq_len,
+                global_batch_tokens=batch_tokens, steps=steps, lr=deepseek_lr(core_flops), warmup_steps=warmup,
+                predicted_loss=law.loss(n_params, d_eff), effective_tokens=d_eff, gpus=gpus, gpu=gpu, mfu=r.mfu,
+                days=days, cost=cost, layouts=layouts, chosen=chosen, budget_note=note, warnings=warnings)
+
+
+def fits_in(memory: TrainingMemory, gpu: GpuSpec) -> bool:
+    return memory.total * (1 + FRAGMENTATION) + RUNTIME_RESERVE_GIB * GIB <= gpu.memory_gib * GIB
+
+
+def fit_layout(shape: ModelArgs, seq_len: int, sequences_per_gpu: int, gpus: int, gpu: GpuSpec,
+               backend: str, zero_stage: int) -> LayoutFit:
+    """The cheapest activation checkpointing, then the largest micro-batch (a power of two that
+    divides this GPU's share of the batch), with which `backend` fits in `gpu`'s memory."""
+    largest = max(1, min(MAX_MICRO_BATCH, sequences_per_gpu))
+    micro_batches = [m for m in (2**i for i in range(largest.bit_length() - 1, -1, -1)) if sequences_per_gpu % m == 0]
+    for checkpointing in CHECKPOINTING:
+        for micro_batch in micro_batches or [1]:
+            memory = training_memory(shape, seq_len, micro_batch, gpus, backend, zero_stage, checkpointing)
+            if fits_in(memory, gpu):
+                return LayoutFit(backend, zero_stage, checkpointing, micro_batch, memory, True)
+    smallest = training_memory(shape, seq_len, 1, gpus, backend, zero_stage, "full")
+    return LayoutFit(backend, zero_stage, "full", 1, smallest, False)
+
+
+def _effective_data(tokens: float, r: PlanRequest, warnings: list[str]) -> float:
+    """Tokens of unique data the run is worth, summed over sources, with a warning for each
+    source repeated beyond ~4 epochs (Muennighoff et al. 2023)."""
+    if not r.source_tokens:
+        return tokens
+    weights = {name: r.source_weights.get(name, 1.0) for name in {**r.source_weights, **r.source_tokens}}
+    total_weight = sum(weights.values())
+    worth = 0.0
+    for name, weight in weights.items():
+        used = tokens * weight / total_weight
+        unique = r.source_tokens.get(name)
+        if unique is None:  # availability not given: counted as all new data
+            worth += used
+            continue
+        epochs = used / unique
+        worth += effective_tokens(unique, used)
+        if epochs > SAFE_EPOCHS:
+            warnings.append(f"source {name!r} would be repeated {epochs:.1f} times ({used:.3g} of {unique:.3g} unique "
+                            f"tokens): beyond ~{SAFE_EPOCHS:.0f} epochs repeated tokens are worth much less than new "
+                            f"ones (Muennighoff et al. 2023; these {used:.3g} are worth "
+                            f"{effective_tokens(unique, used):.3g}); lower its weight, find more data, or train a "
+                            "larger model on fewer tokens")
+    return worth
