@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from pretrain.models.args import ModelArgs, count_params
-from pretrain.scaling.memory import REFERENCE_SHAPES, activation_bytes, estimate_table, model_state_bytes
+from pretrain.scaling.memory import (
+    REFERENCE_SHAPES,
+    activation_bytes,
+    estimate_table,
+    model_state_bytes,
+    training_memory,
+)
 
 P = 7_000_000_000
 
@@ -28,10 +34,24 @@ def test_model_states_per_backend_by_hand():
 def test_activations_by_hand():
     args = ModelArgs(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=8)
     kv_dim = 2 * 16
-    per_block = (6 * 64 + 4 * kv_dim + 4 * 128) * 2  # bf16 elements per token per block
-    logits = 2 * 4 * 1000
-    assert activation_bytes(args, 8, 3) == 24 * (2 * per_block + logits)
-    assert activation_bytes(args, 8, 3, "full") == 24 * (2 * 64 * 2 + per_block + logits)
+    # fp32 residual stream into both norms, then bf16 projection inputs, q, k, v, attention output, wo
+    # input and the four SwiGLU tensors, per token per block
+    block = 2 * 4 * 64 + 2 * (5 * 64 + 2 * kv_dim + 4 * 128)
+    logits = 12 * 1000  # logits, fp32 log-softmax and its gradient
+    assert activation_bytes(args, 8, 3) == 24 * (2 * block + logits)
+    # full checkpointing: each block's fp32 input, plus the larger of the loss and one recomputed block
+    assert activation_bytes(args, 8, 3, "full") == 24 * (2 * 4 * 64 + max(logits, block))
+    assert activation_bytes(args, 8, 3, "selective", ac_every=2) == 24 * (block + 4 * 64 + max(logits, block))
+
+
+def test_training_memory_adds_the_bf16_weight_copies_autocast_keeps():
+    args = ModelArgs(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=8)
+    n = count_params(args)
+    ddp = training_memory(args, 8, 1, 4, "ddp")
+    assert ddp.compute_copies == 2 * n and ddp.states.total == 16 * n
+    assert ddp.total == ddp.states.total + ddp.activations + 2 * n
+    assert training_memory(args, 8, 1, 4, "ddp", bf16=False).compute_copies == 0
+    assert training_memory(args, 8, 1, 4, "deepspeed", 3).compute_copies == 0  # its weights are bf16 already
 
 
 def test_reference_shapes_have_their_nominal_size_and_the_table_covers_them():

@@ -1,0 +1,132 @@
+"""The shape rule, the planner's decisions, its table/JSON/config outputs and the preset files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pretrain.cli import main
+from pretrain.config import load_config
+from pretrain.errors import PretrainError
+from pretrain.models.args import count_params, flops_per_token
+from pretrain.scaling.gpus import GPUS
+from pretrain.scaling.laws import BESIROGLU
+from pretrain.scaling.planner import PlanRequest, make_plan
+from pretrain.scaling.presets import PRESET_SIZES, PRESETS_DIR, preset_text
+from pretrain.scaling.shapes import nearby_shapes, shape_for_params, shape_for_width, widths
+
+
+def test_every_width_of_the_family_is_a_valid_llama_shape_growing_with_width():
+    sizes = []
+    for d in widths():
+        s = shape_for_width(d)
+        assert s.d_model % s.n_heads == 0 and s.n_heads % s.n_kv_heads == 0 and s.ffn_hidden >= 2 * d
+        assert 32 <= d / s.n_layers <= 128 or s.n_layers == 2
+        sizes.append(count_params(s))
+    assert sizes == sorted(sizes)
+    llama3_8b = shape_for_width(4096)  # the rule reproduces Llama 3 8B's block (with a 32k vocabulary)
+    assert (llama3_8b.n_layers, llama3_8b.n_heads, llama3_8b.n_kv_heads, llama3_8b.ffn_hidden) == (32, 32, 8, 14336)
+
+
+def test_compute_optimal_plan_minimises_the_law_over_neighbouring_shapes_with_exact_flops():
+    for flops in (1e19, 1e21, 1e23):
+        plan = make_plan(PlanRequest(flops=flops))
+        assert plan.flops == pytest.approx(flops, rel=0.02)  # whole steps of the batch
+        chosen = BESIROGLU.loss(plan.params, flops / flops_per_token(plan.shape, plan.seq_len))
+        for other in nearby_shapes(plan.shape, 3):
+            assert chosen <= BESIROGLU.loss(count_params(other), flops / flops_per_token(other, plan.seq_len)) + 1e-12
+
+
+def test_hardware_budget_becomes_flops_days_and_cost():
+    plan = make_plan(PlanRequest(gpus=64, gpu="h100", days=21, mfu=0.4, price_per_gpu_hour=2.0))
+    budget = 64 * GPUS["h100"].bf16_flops * 0.4 * 21 * 86400
+    assert plan.flops == pytest.approx(budget, rel=0.02) and plan.days == pytest.approx(21, rel=0.02)
+    assert plan.cost == pytest.approx(64 * plan.days * 24 * 2.0)
+    assert plan.chosen is not None and plan.chosen.fits
+    assert plan.global_batch_tokens % (plan.seq_len * 64 * plan.micro_batch) == 0
+    assert plan.warmup_steps <= 2000 and plan.steps * plan.global_batch_tokens == plan.tokens
+
+
+def test_layouts_shard_more_when_the_model_grows():
+    small = make_plan(PlanRequest(params=125e6, gpus=8))
+    assert small.chosen.backend == "ddp" and small.chosen.checkpointing == "none"
+    big = make_plan(PlanRequest(params=13e9, gpus=64))
+    assert big.chosen.backend in ("fsdp", "deepspeed") and big.chosen.label != "zero1"
+    too_big = make_plan(PlanRequest(params=70e9, gpus=8))
+    assert too_big.chosen is None and any("does not fit" in w for w in too_big.warnings)
+
+
+def test_repeated_sources_warn_and_lower_the_predicted_loss_gain():
+    fresh = make_plan(PlanRequest(flops=1e21))
+    scarce = make_plan(PlanRequest(flops=1e21, source_tokens={"finance": 2e9, "web": 1e13},
+                                   source_weights={"finance": 0.5, "web": 0.5}))
+    assert any("'finance' would be repeated" in w for w in scarce.warnings)
+    assert not any("'web'" in w for w in scarce.warnings)
+    assert scarce.effective_tokens < fresh.tokens and scarce.predicted_loss > fresh.predicted_loss
+
+
+def test_inference_tokens_plan_a_smaller_model_on_more_tokens():
+    base = make_plan(PlanRequest(flops=1e22))
+    served = make_plan(PlanRequest(flops=1e22, inference_tokens=1e13))
+    assert served.params < base.params and served.tokens > base.tokens
+
+
+@pytest.mark.parametrize("request_kwargs, message", [
+    ({}, "nothing to plan from"),
+    ({"flops": 1e21, "gpus": 8, "days": 3}, "give the budget once"),
+    ({"days": 3}, "needs --gpus and --days"),
+    ({"flops": 1e21, "mfu": 1.5}, "--mfu 1.5 must be in"),
+    ({"flops": 1e21, "gpu": "tpu"}, "'tpu' is not a known GPU"),
+    ({"params": 1e9, "tokens": 2e10, "flops": 1e21}, "fix the compute already"),
+])
+def test_contradictory_or_missing_inputs_are_errors(request_kwargs, message):
+    with pytest.raises(PretrainError, match=message):
+        make_plan(PlanRequest(**request_kwargs))
+
+
+def test_plan_cli_json_table_and_written_config(tmp_path, capsys):
+    assert main(["plan", "--flops", "1e21", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    for key in ("params", "tokens", "flops", "global_batch_tokens", "lr", "steps", "days", "memory_per_gpu_gb"):
+        assert isinstance(plan[key], (int, float)), key
+    assert 2e9 < plan["params"] < 4e9
+
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "--gpus", "64", "--gpu", "h100", "--days", "21", "--write", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "parameters" in table and "fsdp" in table and "<- chosen" in table
+    cfg = load_config(str(out), world_size=64)  # what the 64-GPU job will see
+    assert cfg.train.global_batch_tokens % (64 * cfg.train.micro_batch_size * cfg.data.seq_len) == 0
+    assert "pretrain train plan.yaml --train.max_steps=2" in out.read_text()
+    assert main(["plan", "--flops", "1e20", "--write", str(out)]) == 1  # never overwrites
+    assert "exists" in capsys.readouterr().err
+
+
+def test_plan_keeps_the_base_config_and_checks_its_source_names(tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text("out_dir: runs/bank\ndata:\n  sources:\n    - {name: finance, path: python-docs, weight: 0.5}\n"
+                    "    - {name: general, path: python-docs, weight: 0.5}\n  seq_len: 1024\n")
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "--base", str(base), "--params", "350M", "--source", "finance=1B", "--write", str(out)]) == 0
+    assert "'finance' would be repeated" in capsys.readouterr().out
+    cfg = load_config(str(out))
+    assert cfg.out_dir == "runs/bank" and [s.name for s in cfg.data.sources] == ["finance", "general"]
+    assert cfg.data.seq_len == 1024
+    assert main(["plan", "--base", str(base), "--flops", "1e20", "--source", "legal=1B"]) == 1
+    assert "['legal'] are not sources of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", PRESET_SIZES)
+def test_preset_files_are_what_the_rule_generates_and_load(name):
+    path = PRESETS_DIR / f"{name}.yaml"
+    assert path.read_text() == preset_text(name), f"regenerate with: pretrain presets --write {PRESETS_DIR}"
+    cfg = load_config(str(path))
+    assert 0.75 < count_params(cfg.model) / PRESET_SIZES[name] < 1.25
+    assert shape_for_params(PRESET_SIZES[name]).d_model == cfg.model.d_model
+
+
+def test_presets_command_lists_every_preset(capsys):
+    assert main(["presets"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split()[0] for row in rows[2:]] == list(PRESET_SIZES)
