@@ -159,15 +159,15 @@ def run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
 
     overrides = [*args.overrides, *extra]
     cfg = load_config(args.config, overrides)
-    runs, notes = plan_sweep(cfg, args.flops, args.sizes, args.out_dir, shared_setup(cfg, args.out_dir))
+    runs, notes = plan_sweep(cfg, args.flops, args.sizes, args.out_dir, [*overrides, *shared_setup(cfg, args.out_dir)])
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if args.commands:
         print("\n".join(launch_commands(args.config, runs, args.launcher)))
-        print(f"# then: pretrain scaling fit {args.out_dir}", file=sys.stderr)
+        print(f"# then: pretrain scaling fit {args.out_dir}")
         return 0
     setup_logging()
-    run_sweep(args.config, overrides, runs)
+    run_sweep(args.config, runs)
     print(f"{len(runs)} runs done in {args.out_dir}; fit them with: pretrain scaling fit {args.out_dir}")
     return 0
 

@@ -45,6 +45,10 @@ GRID_BETA = np.arange(0.0, 2.01, 0.5)
 OPTIMISED_STARTS = 12
 BOOTSTRAP_STARTS = 3  # per resample, besides the warm start from the full-data fit
 _LBFGS_OPTIONS = {"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10}
+# (a_c, b_c, e, alpha, beta): exponents in [0, 4] (a loss that grows with N or D is no law to plan
+# with; published ones are ~0.3), the rest wide but finite, so that a degenerate resample of few
+# distinct runs cannot run off to constants that overflow.
+FIT_BOUNDS = [(-50.0, 50.0), (-50.0, 50.0), (-10.0, 5.0), (0.0, 4.0), (0.0, 4.0)]
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,8 @@ def bootstrap(n_params: Sequence[float], tokens: Sequence[float], losses: Sequen
     fitted = []
     for _ in range(samples):
         chosen = rng.integers(0, full.count, full.count)
+        while np.unique(chosen).size < MIN_RUNS:  # fewer distinct runs than constants: no fit
+            chosen = rng.integers(0, full.count, full.count)
         data = full.resample(chosen)
         theta = data.best_of([data.from_law(best), *data.grid_starts(BOOTSTRAP_STARTS)])
         law = data.to_law(theta, name="bootstrap", source="")
@@ -242,9 +248,8 @@ class _FitData:
                          math.log(law.E), law.alpha, law.beta])
 
     def best_of(self, starts: Sequence[np.ndarray]) -> np.ndarray:
-        """L-BFGS-B from each start; the lowest optimum. alpha, beta >= 0: a loss that grows with
-        N or D is no law to plan with."""
-        bounds = [(None, None)] * 3 + [(0.0, None)] * 2
+        """L-BFGS-B from each start; the lowest optimum, within FIT_BOUNDS."""
+        bounds = FIT_BOUNDS
         best = None
         for start in starts:
             result = minimize(self.objective, start, jac=True, method="L-BFGS-B",
