@@ -78,7 +78,7 @@ def activation_bytes(args: ModelArgs, seq_len: int, micro_batch: int, checkpoint
       every block's activations are still held; with checkpointing it is the larger of that and
       one recomputed block.
     `checkpointing` is none | full | selective (every `ac_every`-th block). Measured on CPU in
-    tests/e2e/test_memory_estimate.py: within 20% of the real peak."""
+    tests/e2e/test_memory_measured.py: within 20% of the real peak."""
     element = 2 if bf16 else 4
     kv_dim = args.n_kv_heads * args.head_dim
     block = 2 * 4 * args.d_model + element * (5 * args.d_model + 2 * kv_dim + 4 * args.ffn_hidden)
