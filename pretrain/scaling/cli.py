@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import sys
+from pathlib import Path
 
 from pretrain.errors import PretrainError
 
@@ -129,7 +130,7 @@ def run_plan(args: argparse.Namespace, extra: list[str]) -> int:
     base_yaml, weights, seq_len, vocab = None, {}, args.seq_len, args.vocab_size
     if args.base:
         cfg = load_config(args.base)  # validated: its errors show before planning
-        base_yaml = load_yaml_text(open(args.base).read()) or {}
+        base_yaml = load_yaml_text(Path(args.base).read_text()) or {}
         weights = {s.name: s.weight for s in cfg.data.sources}
         seq_len, vocab = seq_len or cfg.data.seq_len, vocab or cfg.model.vocab_size
         unknown = sorted(set(dict(args.source)) - set(weights))
@@ -173,8 +174,6 @@ def run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def run_fit(args: argparse.Namespace, extra: list[str]) -> int:
-    from pathlib import Path
-
     from pretrain.scaling.fit import bootstrap, fit_law, fit_report, plot_isoflops, read_runs
     from pretrain.scaling.laws import save_law
 

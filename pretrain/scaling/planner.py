@@ -156,8 +156,9 @@ def make_plan(request: PlanRequest) -> Plan:
     # DeepSeek LLM's compute excludes the embedding and the output head (its M).
     core_flops = (per_token - 6 * shape.vocab_size * shape.d_model) * tokens
     gpus = r.gpus or 8
-    sequences = 2 ** round(math.log2(max(1.0, deepseek_batch_tokens(core_flops) / seq_len)))
-    sequences = max(sequences, gpus)
+    # A power of two per GPU (at least one sequence), so that any GPU count divides the batch.
+    per_gpu = 2 ** max(0, round(math.log2(max(1.0, deepseek_batch_tokens(core_flops) / seq_len / gpus))))
+    sequences = per_gpu * gpus
     batch_tokens = sequences * seq_len
     steps = max(1, math.ceil(tokens / batch_tokens))
     tokens = steps * batch_tokens
@@ -166,15 +167,13 @@ def make_plan(request: PlanRequest) -> Plan:
 
     warnings = []
     d_eff = _effective_data(tokens, r, warnings)
-    layouts = [fit_layout(shape, seq_len, sequences // gpus, gpus, gpu, b, s) for b, s in LAYOUTS]
+    layouts = [fit_layout(shape, seq_len, per_gpu, gpus, gpu, b, s) for b, s in LAYOUTS]
     fitting = [f for f in layouts if f.fits]
     chosen = min(fitting, key=lambda f: CHECKPOINTING.index(f.checkpointing)) if fitting else None
     if chosen is None:
         warnings.append(f"the model does not fit on {gpus} x {gpu.name} with any backend, even with full "
                         "activation checkpointing at micro-batch 1: use more GPUs, a GPU with more memory, "
                         "or parallel.offload_optimizer/offload_params (DeepSpeed)")
-    if sequences // gpus == 0 or sequences % gpus:
-        warnings.append(f"the global batch of {sequences} sequences does not split evenly over {gpus} GPUs")
     days = flops / (gpus * gpu.bf16_flops * r.mfu) / 86400
     cost = gpus * days * 24 * r.price_per_gpu_hour if r.price_per_gpu_hour is not None else None
     if not hardware_budget:

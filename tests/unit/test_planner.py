@@ -48,6 +48,12 @@ def test_hardware_budget_becomes_flops_days_and_cost():
     assert plan.warmup_steps <= 2000 and plan.steps * plan.global_batch_tokens == plan.tokens
 
 
+def test_any_gpu_count_divides_the_global_batch():
+    for gpus in (1, 6, 48, 96):
+        plan = make_plan(PlanRequest(flops=1e21, gpus=gpus))
+        assert plan.global_batch_tokens % (plan.seq_len * gpus * plan.micro_batch) == 0
+
+
 def test_layouts_shard_more_when_the_model_grows():
     small = make_plan(PlanRequest(params=125e6, gpus=8))
     assert small.chosen.backend == "ddp" and small.chosen.checkpointing == "none"
