@@ -1,11 +1,13 @@
-"""Directories written whole or not at all (checkpoints, prepared shards): build the content in a
-temporary sibling, flush it to disk, then rename it into place. A reader never sees half of one."""
+"""Directories and files written whole or not at all (checkpoints, prepared shards, configs,
+law files): build the content in a temporary sibling, flush it to disk, then rename it into
+place. A reader never sees half of one."""
 
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 
 def temporary_path(final: Path) -> Path:
@@ -32,6 +34,27 @@ def publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file(path: str | Path, data: str | bytes, check: Callable[[Path], object] | None = None) -> Path:
+    """Write one file whole or not at all: into temporary_path(path), flushed, then renamed.
+    `check`, if given, is called on the temporary file first; if it raises, nothing is published
+    and an existing `path` is kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        if check is not None:
+            check(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return path
 
 
 def fsync_tree(directory: Path) -> None:

@@ -479,12 +479,9 @@ def config_to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, out_dir: str) -> Path:
     """Write the resolved config to out_dir/config.yaml atomically (never half-written)."""
-    path = Path(out_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(config_to_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    from pretrain.atomic_dir import write_file
+
+    return write_file(Path(out_dir) / "config.yaml", config_to_yaml(cfg))
 
 
 def config_reference() -> str:

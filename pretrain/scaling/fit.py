@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 from scipy.optimize import minimize
 
+from pretrain.atomic_dir import write_file
 from pretrain.errors import PretrainError
 from pretrain.models.args import ModelArgs, count_params, flops_per_token
 from pretrain.scaling.laws import ScalingLaw
@@ -321,13 +322,10 @@ def plot_isoflops(points: Sequence[RunPoint], law: ScalingLaw, path: str | Path)
     right.legend(fontsize=8)
     figure.tight_layout()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=120)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120)
     plt.close(figure)
-    os.replace(tmp, path)
-    return path
+    return write_file(path, png.getvalue())
 
 
 def fit_report(points: Sequence[RunPoint], law: ScalingLaw,

@@ -26,6 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pretrain.atomic_dir import write_file
 from pretrain.errors import PretrainError
 
 
@@ -97,12 +98,7 @@ def load_law(name_or_path: str) -> ScalingLaw:
 
 def save_law(law: ScalingLaw, path: str | Path, extra: dict | None = None) -> Path:
     """Write `law` (and `extra`, e.g. uncertainties) as JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"law": law.to_dict(), **(extra or {})}, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_file(path, json.dumps({"law": law.to_dict(), **(extra or {})}, indent=2) + "\n")
 
 
 def deepseek_batch_tokens(flops: float) -> float:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from pathlib import Path
 
 import yaml
 
+from pretrain.atomic_dir import write_file
 from pretrain.config import Config, load_config
 from pretrain.errors import PretrainError
 from pretrain.scaling.memory import GIB
@@ -142,13 +142,5 @@ def write_plan_config(plan: Plan, path: str, base: dict | None, command: str, fo
     comment += ["# Smoke-test it on a CPU in seconds before launching:",
                 f"#   pretrain train {out.name} {SMOKE_OVERRIDES} --out_dir=/tmp/plan-smoke", ""]
     text = "\n".join(comment) + yaml.safe_dump(plan_config(plan, base), sort_keys=False, default_flow_style=None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    try:
-        load_config(str(tmp), world_size=1)  # the written config must train as it is
-    except PretrainError:
-        tmp.unlink()
-        raise
-    os.replace(tmp, out)
-    return out
+    # the written config must train as it is: checked before it is published
+    return write_file(out, text, check=lambda tmp: load_config(str(tmp), world_size=1))

@@ -7,11 +7,11 @@ never drift from the rule: tests/unit/test_presets.py regenerates them and compa
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import yaml
 
+from pretrain.atomic_dir import write_file
 from pretrain.scaling.plan_output import count, plan_config, plan_rows
 from pretrain.scaling.planner import Plan, PlanRequest, make_plan
 from pretrain.scaling.shapes import shape_summary
@@ -47,16 +47,7 @@ def preset_text(name: str) -> str:
 
 
 def write_presets(directory: str | Path = PRESETS_DIR) -> list[Path]:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in PRESET_SIZES:
-        path = directory / f"{name}.yaml"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(preset_text(name))
-        os.replace(tmp, path)
-        written.append(path)
-    return written
+    return [write_file(Path(directory) / f"{name}.yaml", preset_text(name)) for name in PRESET_SIZES]
 
 
 def presets_table() -> list[str]:

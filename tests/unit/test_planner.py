@@ -136,3 +136,14 @@ def test_presets_command_lists_every_preset(capsys):
     assert main(["presets"]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert [row.split()[0] for row in rows[2:]] == list(PRESET_SIZES)
+
+
+def test_a_written_config_that_fails_its_check_is_not_published(tmp_path, monkeypatch):
+    import pretrain.scaling.plan_output as plan_output
+
+    out = tmp_path / "plan.yaml"
+    out.write_text("# the user's own file\n")
+    monkeypatch.setattr(plan_output, "plan_config", lambda plan, base: {"train": {"max_steps": -1}})
+    with pytest.raises(PretrainError, match="train.max_steps=-1"):
+        plan_output.write_plan_config(make_plan(PlanRequest(flops=1e20)), str(out), None, "pretrain plan", force=True)
+    assert out.read_text() == "# the user's own file\n" and [p.name for p in tmp_path.iterdir()] == ["plan.yaml"]

@@ -162,4 +162,4 @@ def test_plot_isoflops_writes_a_png(tmp_path):
     assert path == tmp_path / "plots" / "isoflops.png"
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    assert not list(path.parent.glob("*.tmp"))
+    assert [p.name for p in path.parent.iterdir()] == ["isoflops.png"]  # no temporary file left
