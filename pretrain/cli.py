@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     export.set_defaults(run=run_export)
 
-    from pretrain.scaling.cli import add_commands
+    from pretrain.report import add_command as add_report_command
+    from pretrain.scaling.cli import add_commands as add_scaling_commands
 
-    add_commands(commands, OVERRIDES_HELP)
+    add_scaling_commands(commands, OVERRIDES_HELP)
+    add_report_command(commands)
     return parser
 
 

@@ -180,10 +180,23 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    mode: Literal["disabled", "offline", "online"] = option(
+        "disabled", "Weights & Biases: disabled, offline (kept in out_dir/wandb until `wandb sync`) or online")
+    project: str = option("pretrain", "wandb project")
+    entity: str | None = option(None, "wandb team or user (default: your wandb default)")
+    name: str | None = option(None, "wandb run name (default: out_dir's name)")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     every: int = option(10, "one console line and one metrics.jsonl record every N steps (0 = off)")
     peak_flops: float | None = option(None, "peak FLOP/s per device for MFU (default: known GPU table or measured on CPU)")
     all_ranks: bool = option(False, "log from every rank, not only rank 0")
+    wandb: WandbConfig = option(WandbConfig(), "Weights & Biases tracking (off by default: nothing leaves the machine)")
+    tensorboard: bool = option(False, "also write TensorBoard scalars to out_dir/tensorboard (needs tensorboard)")
+    progress: bool | None = option(None, "live progress bar on rank 0 (null = when stderr is a terminal; "
+                                         "cluster logs get plain lines)")
 
 
 @dataclass(frozen=True)

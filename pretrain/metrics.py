@@ -1,4 +1,5 @@
-"""One MetricLogger for numbers: a console line and a JSON record in out_dir/metrics.jsonl."""
+"""One MetricLogger for numbers: a console line, a JSON record in out_dir/metrics.jsonl, and the
+trackers the config enables."""
 
 from __future__ import annotations
 
@@ -11,17 +12,34 @@ log = logging.getLogger("pretrain")
 
 
 class MetricLogger:
-    """Writes metric records (dicts with a "step") as JSON lines and one readable console line.
+    """Writes metric records (dicts with a "step") as JSON lines, one readable console line, and
+    to any tracker the config turns on (pretrain/tracking.py: wandb, TensorBoard).
 
     Only the rank that owns the output (rank 0) writes; other ranks pass `enabled=False`."""
 
-    def __init__(self, out_dir: str, enabled: bool = True):
+    def __init__(self, out_dir: str, enabled: bool = True, trackers: list | None = None):
         self.enabled = enabled
         self._file = None
+        self.trackers = list(trackers or []) if enabled else []
         if enabled:
             path = Path(out_dir) / "metrics.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("a", encoding="utf-8")
+
+    @classmethod
+    def for_config(cls, cfg, enabled: bool = True) -> MetricLogger:
+        """The logger of a run: metrics.jsonl and console, plus the trackers `cfg.logging` enables."""
+        from pretrain.tracking import TensorBoardSink, WandbSink
+
+        trackers = []
+        if enabled and cfg.logging.wandb.mode != "disabled":
+            from pretrain.config_parse import to_dict
+
+            w = cfg.logging.wandb
+            trackers.append(WandbSink(cfg.out_dir, w.project, w.entity, w.mode, w.name, to_dict(cfg)))
+        if enabled and cfg.logging.tensorboard:
+            trackers.append(TensorBoardSink(cfg.out_dir))
+        return cls(cfg.out_dir, enabled, trackers)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -29,11 +47,16 @@ class MetricLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         log.info(format_record(record))
+        for tracker in self.trackers:
+            tracker.write(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def format_record(r: dict) -> str:
@@ -42,7 +65,9 @@ def format_record(r: dict) -> str:
     if "loss" in r:
         parts.append(f"loss {r['loss']:.4f}")
     if "val_loss" in r:
-        parts.append(f"val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.2f})")
+        bpb = f", {r['val_bpb']:.3f} bits/byte" if "val_bpb" in r else ""
+        parts.append(f"val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.2f}{bpb})")
+        parts += [f"{name} ppl {ppl:.2f}" for name, ppl in r.get("val_ppl_by_source", {}).items()]
     if "lr" in r:
         parts.append(f"lr {r['lr']:.2e}")
     if "grad_norm" in r:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, ParallelConfig, config_to_yaml, grad_accum_steps, save_config
-from pretrain.data import IGNORE_INDEX, TrainData, load_or_train_tokenizer, open_sources, validation_batches
+from pretrain.data import IGNORE_INDEX, TrainData, load_or_train_tokenizer, open_sources, validation_sets
 from pretrain.errors import PREEMPTED_EXIT_CODE, CorruptCheckpoint, PretrainError
 from pretrain.generate import generate
 from pretrain.hardware import keep_freed_memory, memory_gib, peak_flops, resolve_precision
@@ -31,6 +31,7 @@ from pretrain.parallel import (
     sum_over_ranks,
 )
 from pretrain.preemption import PreemptionSignals
+from pretrain.progress import TrainingProgress, progress_enabled
 
 log = logging.getLogger("pretrain")
 
@@ -74,11 +75,12 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.train_data = TrainData(cfg, self.tokenizer, self.dist.rank, self.dist.world_size, sources)
-        self.val_batches = None
+        self.val_sets = None
         if cfg.eval.every:  # built now so an empty split fails before any compute
-            self.val_batches = validation_batches(cfg, self.tokenizer, cfg.eval.batches,
-                                                  self.dist.rank, self.dist.world_size, sources)
-        self.metrics = MetricLogger(cfg.out_dir, enabled=self.dist.is_main)
+            self.val_sets = validation_sets(cfg, self.tokenizer, cfg.eval.batches, self.dist.rank,
+                                            self.dist.world_size, sources)
+            self.token_bytes = torch.from_numpy(self.tokenizer.token_byte_lengths()).to(self.device)
+        self.metrics = MetricLogger.for_config(cfg, enabled=self.dist.is_main)
 
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         if cfg.logging.peak_flops:
@@ -114,22 +116,25 @@ class Trainer:
             self.close()
             return
         log.info("training from step %d to step %d -> %s", self.step, last_step, self.out_dir)
-        if self.val_batches and self.step == 0:
+        if self.val_sets and self.step == 0:
             self.evaluate()  # the untrained model's loss, ~ln(vocab_size): a check on init and data
         interval_start, interval_steps = time.perf_counter(), 0
-        while self.step < last_step:
-            loss, grad_norm = self.train_step()
-            self.step += 1
-            self.tokens_seen += cfg.train.global_batch_tokens
-            interval_steps += 1
-            if due(self.step, cfg.logging.every) or self.step == last_step:
-                elapsed = time.perf_counter() - interval_start
-                self.log_step(loss, grad_norm, elapsed / interval_steps, last_step)
-                interval_start, interval_steps = time.perf_counter(), 0
-            interval_start += self.run_interval_actions(last_step)  # not training time: excluded
-            if any_rank(signals.requested is not None) and self.step < last_step:
-                self.stop_for_preemption()
-                return
+        show_progress = progress_enabled(cfg.logging.progress, self.dist.is_main)
+        with TrainingProgress(show_progress, self.step, last_step, cfg.train.global_batch_tokens) as progress:
+            while self.step < last_step:
+                loss, grad_norm = self.train_step()
+                self.step += 1
+                self.tokens_seen += cfg.train.global_batch_tokens
+                interval_steps += 1
+                progress.advance()
+                if due(self.step, cfg.logging.every) or self.step == last_step:
+                    elapsed = time.perf_counter() - interval_start
+                    self.log_step(loss, grad_norm, elapsed / interval_steps, last_step)
+                    interval_start, interval_steps = time.perf_counter(), 0
+                interval_start += self.run_interval_actions(last_step)  # not training time: excluded
+                if any_rank(signals.requested is not None) and self.step < last_step:
+                    self.stop_for_preemption()
+                    return
         self.checkpoints.finish()  # the last checkpoint is published before sampling, which may take long
         if cfg.eval.sample_tokens:
             self.write_samples()
@@ -139,7 +144,7 @@ class Trainer:
         """Evaluation and checkpointing when due; returns the seconds they took."""
         start = time.perf_counter()
         cfg, final = self.cfg, self.step == last_step
-        if self.val_batches and (due(self.step, cfg.eval.every) or final):
+        if self.val_sets and (due(self.step, cfg.eval.every) or final):
             self.evaluate()
         if cfg.checkpoint.every and (due(self.step, cfg.checkpoint.every) or final):
             self.save_checkpoint()
@@ -192,22 +197,35 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss per token over the held-out batches; logged with perplexity."""
+        """Validation loss per token of each source's held-out batches, their mixture-weighted
+        mean, perplexity, and bits per byte (independent of the tokenizer); logged, mean returned."""
         self.model.eval()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = 0
-        for inputs, labels in self.val_batches:
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
-            with self.engine.autocast():
-                logits = self.model(inputs)
-            loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                        ignore_index=IGNORE_INDEX, reduction="sum")
-            count += (labels != IGNORE_INDEX).sum()
+        names = list(self.val_sets)
+        sums = torch.zeros(len(names), 3, device=self.device, dtype=torch.float64)  # nats, tokens, bytes
+        for i, name in enumerate(names):
+            for inputs, labels in self.val_sets[name]:
+                inputs, labels = inputs.to(self.device), labels.to(self.device)
+                with self.engine.autocast():
+                    logits = self.model(inputs)
+                sums[i, 0] += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+                scored = labels[labels != IGNORE_INDEX]
+                sums[i, 1] += scored.numel()
+                sums[i, 2] += self.token_bytes[scored].sum()
         self.model.train()
-        totals = sum_over_ranks(torch.stack([loss_sum, count.to(loss_sum)]))  # each rank evaluated its share
-        val_loss = (totals[0] / totals[1]).item()
-        self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
-                          "val_ppl": math.exp(min(val_loss, 50.0))})
+        sums = sum_over_ranks(sums).tolist()  # each rank evaluated its share of every source
+        weights = {s.name: s.weight for s in self.cfg.data.sources}
+        total_weight = sum(weights[name] for name in names)
+        loss = {name: nats / tokens for name, (nats, tokens, _) in zip(names, sums)}
+        bpb = {name: nats / (max(size, 1.0) * math.log(2)) for name, (nats, _, size) in zip(names, sums)}
+        val_loss = sum(weights[name] * loss[name] for name in names) / total_weight
+        record = {"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
+                  "val_ppl": math.exp(min(val_loss, 50.0)),
+                  "val_bpb": sum(weights[name] * bpb[name] for name in names) / total_weight}
+        if len(names) > 1:
+            record.update(val_loss_by_source=loss, val_bpb_by_source=bpb,
+                          val_ppl_by_source={name: math.exp(min(v, 50.0)) for name, v in loss.items()})
+        self.metrics.log(record)
         return val_loss
 
     def write_samples(self) -> list[str]:

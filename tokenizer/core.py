@@ -92,5 +92,17 @@ class Tokenizer:
     def decode_batch(self, batch: Sequence[Sequence[int]], num_threads: int = -1) -> list[str]:
         return self._sp.decode([list(ids) for ids in batch], num_threads=num_threads)
 
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text that each id stands for: a piece's characters with its word-start
+        symbol as one space, one byte for a <0xNN> byte-fallback piece, none for control and
+        unknown pieces. Summed over a text's ids this is (up to a leading space) its length in
+        bytes: the denominator of bits per byte."""
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if self._sp.is_control(i) or self._sp.is_unknown(i):
+                continue
+            lengths[i] = 1 if self._sp.is_byte(i) else len(self._sp.id_to_piece(i).replace("\u2581", " ").encode())
+        return lengths
+
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -11,7 +13,29 @@ from pretrain.data.packing import cut_windows
 from pretrain.errors import PretrainError
 from tokenizer import Tokenizer
 
+log = logging.getLogger("pretrain")
+
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss (F.cross_entropy default)
+
+
+def validation_sets(cfg: Config, tokenizer: Tokenizer, max_batches: int, rank: int = 0, world_size: int = 1,
+                    sources: list | None = None) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each source's held-out batches apart (validation_batches of that source alone, up to
+    `max_batches` each), so that every source gets its own loss: a domain model's finance and
+    general perplexity are separate numbers. A source without held-out documents is left out
+    with a warning; no held-out data at all is an error."""
+    sources = sources if sources is not None else open_sources(cfg.data)
+    sets, problems = {}, []
+    for source in sources:
+        try:
+            sets[source.name] = validation_batches(cfg, tokenizer, max_batches, rank, world_size, [source])
+        except PretrainError as exc:
+            problems.append(f"source {source.name!r}: {exc}")
+    if not sets:
+        raise PretrainError("no data source has held-out data:\n  - " + "\n  - ".join(problems))
+    for problem in problems:
+        log.warning("no validation loss for %s", problem)
+    return sets
 
 
 def validation_batches(cfg: Config, tokenizer: Tokenizer, max_batches: int, rank: int = 0, world_size: int = 1,

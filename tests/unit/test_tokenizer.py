@@ -109,3 +109,11 @@ def test_encode_documents_on_real_text(tokenizer):
     docs = list(python_docs_documents())[:300] + SAMPLES
     assert tokenizer.encode_documents(docs).tolist() == reference_documents(tokenizer, docs)
     assert tokenizer.encode_documents([]).tolist() == []
+
+
+def test_token_byte_lengths_add_up_to_the_texts_utf8_length(tokenizer):
+    lengths = tokenizer.token_byte_lengths()
+    assert lengths[tokenizer.eos_id] == 0 and lengths[tokenizer.unk_id] == 0
+    for text in pydoc_documents(20) + ["naïve café — 東京 ü"]:
+        counted = int(lengths[tokenizer.encode(text)].sum())
+        assert counted - len(text.encode()) in (0, 1), text[:40]  # at most the word-start space added in front

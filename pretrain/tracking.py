@@ -1,0 +1,78 @@
+"""Experiment trackers a MetricLogger can also write to: Weights & Biases and TensorBoard.
+
+Both are off unless the config turns them on (`logging.wandb.mode`, `logging.tensorboard`), so
+no metric leaves the machine unless a user asked for it; `offline` wandb runs stay in
+out_dir/wandb/ until `wandb sync`. A restarted job logs into the same wandb run: its id is kept
+in out_dir/wandb_run_id."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+
+from pretrain.atomic_dir import write_file
+from pretrain.errors import PretrainError
+
+log = logging.getLogger("pretrain")
+
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
+def flatten(record: dict, prefix: str = "") -> dict[str, float]:
+    """Numbers of a (nested) metric record under slash-joined keys: mix_share/web."""
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat
+
+
+class WandbSink:
+    """Logs every record to a wandb run at its step; resumes the run of this out_dir."""
+
+    def __init__(self, out_dir: str, project: str, entity: str | None, mode: str, name: str | None,
+                 config: dict | None = None):
+        try:
+            import wandb
+        except ImportError:
+            raise PretrainError("logging.wandb.mode needs the wandb package: pip install wandb, or set "
+                                "--logging.wandb.mode=disabled") from None
+        id_file = Path(out_dir) / WANDB_RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
+        write_file(id_file, run_id + "\n")
+        self.run = wandb.init(project=project, entity=entity, mode=mode, id=run_id, resume="allow", dir=out_dir,
+                              name=name or Path(out_dir).resolve().name, config=config,
+                              settings=wandb.Settings(silent=True, console="off"))
+        log.info("wandb run %s (%s) in %s", run_id, mode, Path(out_dir) / "wandb")
+
+    def write(self, record: dict) -> None:
+        values = flatten({k: v for k, v in record.items() if k != "step"})
+        if values:
+            self.run.log(values, step=int(record["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TensorBoardSink:
+    """Scalars into out_dir/tensorboard/ for `tensorboard --logdir`."""
+
+    def __init__(self, out_dir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise PretrainError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard, "
+                                "or set --logging.tensorboard=false") from None
+        self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        for key, value in flatten({k: v for k, v in record.items() if k != "step"}).items():
+            self.writer.add_scalar(key, value, global_step=int(record["step"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

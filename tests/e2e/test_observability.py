@@ -1,0 +1,81 @@
+"""What a researcher watches: validation per source with bits per byte, an offline wandb run
+holding the metrics (and resumed after a restart), and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.data import IGNORE_INDEX
+from pretrain.trainer import Trainer
+from pretrain.tracking import WANDB_RUN_ID_FILE, flatten
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_flatten_keeps_numbers_under_slash_joined_keys():
+    record = {"loss": 2.5, "mix_share": {"web": 0.7, "finance": 0.3}, "checkpoint_async": False, "note": "x"}
+    assert flatten(record) == {"loss": 2.5, "mix_share/web": 0.7, "mix_share/finance": 0.3}
+
+
+def test_offline_wandb_run_holds_the_metrics_and_a_restart_resumes_it(tmp_path, corpus_file, tokenizer_file):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=4, checkpoint__every=2,
+                               eval__every=2, logging__wandb__mode="offline")
+    assert Trainer(load_config(None, [*overrides, "--train.stop_at=2"])).train() == 0
+    run_id = (run / WANDB_RUN_ID_FILE).read_text().strip()
+    assert Trainer(load_config(None, overrides)).train() == 0  # resumes from step 2
+    assert (run / WANDB_RUN_ID_FILE).read_text().strip() == run_id
+
+    runs = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2, list((run / "wandb").iterdir())  # one directory per process, one run id
+    # the runs' history records (protobuf): every metric's key and the final validation loss's value
+    history = b"".join(path.read_bytes() for directory in runs for path in directory.glob("*.wandb"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final_val = [r for r in records if "val_loss" in r][-1]
+    for key in ("loss", "grad_norm", "tokens_per_s", "mfu", "memory_gib", "val_loss", "val_bpb", "checkpoint_blocked_s"):
+        assert key.encode() in history, key
+    assert b"mix_share" in history and json.dumps(final_val["val_loss"]).encode() in history
+
+
+def test_progress_bar_on_request_and_plain_lines_otherwise(tmp_path, corpus_file, tokenizer_file, capfd):
+    overrides = tiny_overrides(tmp_path / "bar", corpus_file, tokenizer_file, train__max_steps=6, logging__every=3,
+                               logging__progress=True)
+    assert Trainer(load_config(None, overrides)).train() == 0
+    err = capfd.readouterr().err
+    assert "6/6" in err and "tok/s" in err
+
+    overrides = tiny_overrides(tmp_path / "plain", corpus_file, tokenizer_file, train__max_steps=6, logging__every=3)
+    assert Trainer(load_config(None, overrides)).train() == 0  # under pytest stderr is no terminal
+    err = capfd.readouterr().err
+    assert "6/6" not in err
+
+
+def test_validation_reports_each_source_and_bits_per_byte(tmp_path, corpus_file, tokenizer_file, tokenizer):
+    docs = corpus_file.read_text().split("\n\n")
+    finance, web = tmp_path / "finance.txt", tmp_path / "web.txt"
+    finance.write_text("\n\n".join(docs[: len(docs) // 2]))
+    web.write_text("\n\n".join(docs[len(docs) // 2:]))
+    sources = (f"[{{name: finance, path: '{finance}', weight: 3.0}}, "
+               f"{{name: web, path: '{web}', weight: 1.0}}]")
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=2, eval__every=2,
+                               eval__batches=2, data__sources=sources, data__val_fraction=0.2)
+    trainer = Trainer(load_config(None, overrides))
+    assert trainer.train() == 0
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
+    by_source = final["val_loss_by_source"]
+    assert set(by_source) == {"finance", "web"} and by_source["finance"] != by_source["web"]
+    assert final["val_loss"] == pytest.approx((3 * by_source["finance"] + by_source["web"]) / 4)
+    assert final["val_ppl_by_source"]["web"] == pytest.approx(math.exp(by_source["web"]))
+    # bits per byte: the same nats over the UTF-8 bytes the scored tokens stand for
+    lengths = tokenizer.token_byte_lengths()
+    labels = torch.cat([y.flatten() for _, y in trainer.val_sets["web"]])
+    size = lengths[labels[labels != IGNORE_INDEX].numpy()].sum()
+    tokens = int((labels != IGNORE_INDEX).sum())
+    assert final["val_bpb_by_source"]["web"] == pytest.approx(by_source["web"] * tokens / (size * math.log(2)))
