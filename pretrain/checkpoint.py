@@ -55,6 +55,7 @@ class CheckpointManager:
         self.root = Path(out_dir) / "checkpoints"
         self.pending: _PendingSave | None = None
         self.saved_step: int | None = None  # the newest checkpoint this run saved or resumed from
+        self.published: list[tuple[int, Path]] = []  # (step, directory) of completed saves, for eval hooks
         self.group = side_group() if cfg.async_save else None
         if dist_info.is_main:
             recover_interrupted_writes(self.root)
@@ -123,6 +124,7 @@ class CheckpointManager:
         manifest = {**manifest, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         publish(tmp, final)  # a re-run of the same step replaces the old copy
+        self.published.append((step, final))
         megabytes = sum(files.values()) / 1e6
         log.info("saved checkpoint %s (%.1f MB in %.1fs)", final, megabytes, time.perf_counter() - started)
         self.prune(keep=final)

@@ -106,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     export.set_defaults(run=run_export)
 
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a checkpoint, or every checkpoint of a run as it lands (--watch)",
+        description="Validation loss, perplexity and bits per byte (per data source) of a checkpoint of any backend "
+                    "and world size, on the same held-out sequences as the training run's in-loop evaluation. "
+                    "Records go to OUT_DIR/eval/validation.jsonl keyed by step and tokens seen. With --watch OUT_DIR "
+                    "it evaluates every complete checkpoint without a record, then waits for new ones until the "
+                    "run's last step (a restarted watcher picks up where it stopped).")
+    evaluate.add_argument("checkpoint", nargs="?", help="checkpoint directory, e.g. out/checkpoints/step_00001000")
+    evaluate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (e.g. --data.sources=... if the data moved)")
+    evaluate.add_argument("--watch", metavar="OUT_DIR", help="a training run's out_dir to follow")
+    evaluate.add_argument("--interval", type=float, default=60.0, help="seconds between looks for new checkpoints")
+    evaluate.add_argument("--once", action="store_true", help="with --watch: evaluate what is there, then exit")
+    evaluate.set_defaults(run=run_eval, accepts_overrides=True)
+
     from pretrain.report import add_command as add_report_command
     from pretrain.scaling.cli import add_commands as add_scaling_commands
 
@@ -195,4 +209,39 @@ def run_export(args: argparse.Namespace, extra: list[str]) -> int:
 
         out = export_torch(args.checkpoint, args.out, force=args.force, progress=progress)
     print(f"exported {args.checkpoint} to {out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from pretrain.evaluation import append_record, evaluate_checkpoint, watch
+    from pretrain.log_setup import setup_logging
+
+    overrides = [*args.overrides, *extra]
+    if bool(args.checkpoint) == bool(args.watch):
+        raise PretrainError("give a checkpoint directory, or --watch OUT_DIR, e.g. pretrain eval --watch runs/demo")
+    setup_logging()
+    if args.checkpoint:
+        record = evaluate_checkpoint(args.checkpoint, overrides)
+        append_record(Path(args.checkpoint).resolve().parent.parent, record)
+        print(json.dumps(record))
+        return 0
+    from pretrain.config import load_config
+
+    cfg = load_config(str(Path(args.watch) / "config.yaml"), overrides, world_size=1)
+    tracker = None
+    if cfg.logging.wandb.mode != "disabled":  # into the training's own run, under eval/
+        from pretrain.tracking import WandbSink
+
+        w = cfg.logging.wandb
+        tracker = WandbSink(args.watch, w.project, w.entity, w.mode, w.name, prefix="eval/")
+    try:
+        records = watch(args.watch, overrides, args.interval, args.once, tracker.write if tracker else None,
+                        stop_after_step=cfg.train.max_steps)
+    finally:
+        if tracker:
+            tracker.close()
+    print(f"evaluated {len(records)} checkpoint(s); records in {Path(args.watch) / 'eval' / 'validation.jsonl'}")
     return 0

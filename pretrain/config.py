@@ -177,6 +177,10 @@ class EvalConfig:
     sample_tokens: int = option(64, "tokens generated per prompt (0 = no samples)")
     sample_top_k: int = option(1, "sample among the k likeliest tokens (1 = greedy)")
     sample_temperature: float = option(1.0, "softmax temperature for sampling")
+    hooks: list[str] = option([], "functions called with each new checkpoint, as 'package.module:function' "
+                                  "(e.g. pretrain.hooks:perplexity); what they return is logged")
+    hooks_async: bool = option(False, "run the hooks in a separate process so training does not wait for them")
+    hook_options: dict[str, dict[str, Any]] = option({}, "keyword arguments per hook, keyed by its 'package.module:function'")
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,11 @@ def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Con
     if cfg.checkpoint.async_save and cfg.parallel.backend == "deepspeed":
         problems.append("checkpoint.async=true needs a DCP backend (none, ddp, fsdp): DeepSpeed writes its "
                         "checkpoints synchronously; set --checkpoint.async=false")
+    for spec in cfg.eval.hooks:
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
+            problems.append(f"eval.hooks entry {spec!r} is not 'package.module:function', e.g. pretrain.hooks:perplexity")
+    for spec in sorted(set(cfg.eval.hook_options) - set(cfg.eval.hooks)):
+        problems.append(f"eval.hook_options has options for {spec!r}, which is not in eval.hooks {cfg.eval.hooks}")
     if cfg.eval.sample_top_k < 1:
         problems.append(f"eval.sample_top_k={cfg.eval.sample_top_k} must be >= 1 (1 = greedy)")
     if cfg.eval.every > 0 and cfg.data.val_fraction == 0:

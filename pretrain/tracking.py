@@ -32,10 +32,14 @@ def flatten(record: dict, prefix: str = "") -> dict[str, float]:
 
 
 class WandbSink:
-    """Logs every record to a wandb run at its step; resumes the run of this out_dir."""
+    """Logs every record to a wandb run at its step; resumes the run of this out_dir.
+
+    With `prefix` (an evaluation job beside the training job) the keys get that prefix and their
+    own step axis, `<prefix>step`: wandb accepts no step lower than the run's latest on its main
+    axis, and the checkpoints being evaluated are behind the training."""
 
     def __init__(self, out_dir: str, project: str, entity: str | None, mode: str, name: str | None,
-                 config: dict | None = None):
+                 config: dict | None = None, prefix: str = ""):
         try:
             import wandb
         except ImportError:
@@ -47,11 +51,16 @@ class WandbSink:
         self.run = wandb.init(project=project, entity=entity, mode=mode, id=run_id, resume="allow", dir=out_dir,
                               name=name or Path(out_dir).resolve().name, config=config,
                               settings=wandb.Settings(silent=True, console="off"))
+        self.prefix = prefix
+        if prefix:
+            self.run.define_metric(f"{prefix}*", step_metric=f"{prefix}step")
         log.info("wandb run %s (%s) in %s", run_id, mode, Path(out_dir) / "wandb")
 
     def write(self, record: dict) -> None:
         values = flatten({k: v for k, v in record.items() if k != "step"})
-        if values:
+        if values and self.prefix:
+            self.run.log({f"{self.prefix}{k}": v for k, v in {**values, "step": record["step"]}.items()})
+        elif values:
             self.run.log(values, step=int(record["step"]))
 
     def close(self) -> None:

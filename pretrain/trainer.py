@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from pretrain.checkpoint import CheckpointManager
 from pretrain.config import Config, ParallelConfig, config_to_yaml, grad_accum_steps, save_config
 from pretrain.data import IGNORE_INDEX, TrainData, load_or_train_tokenizer, open_sources, validation_sets
 from pretrain.errors import PREEMPTED_EXIT_CODE, CorruptCheckpoint, PretrainError
+from pretrain.eval_hooks import HookRunner
+from pretrain.evaluation import validation_metrics
 from pretrain.generate import generate
 from pretrain.hardware import keep_freed_memory, memory_gib, peak_flops, resolve_precision
 from pretrain.metrics import MetricLogger
@@ -81,6 +82,7 @@ class Trainer:
                                             self.dist.world_size, sources)
             self.token_bytes = torch.from_numpy(self.tokenizer.token_byte_lengths()).to(self.device)
         self.metrics = MetricLogger.for_config(cfg, enabled=self.dist.is_main)
+        self.hooks = HookRunner(cfg, self.metrics.log) if self.dist.is_main else None
 
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         if cfg.logging.peak_flops:
@@ -149,7 +151,17 @@ class Trainer:
         if cfg.checkpoint.every and (due(self.step, cfg.checkpoint.every) or final):
             self.save_checkpoint()
         self.checkpoints.poll()  # publishes a background write that has completed
+        self.run_hooks()
         return time.perf_counter() - start
+
+    def run_hooks(self, wait: bool = False) -> None:
+        """Hand newly published checkpoints to the eval hooks; log results that came back."""
+        if self.hooks is None:
+            return
+        published, self.checkpoints.published = self.checkpoints.published, []
+        for step, path in published:
+            self.hooks.checkpoint_ready(path, step)
+        self.hooks.poll(wait)
 
     def stop_for_preemption(self) -> None:
         """Save a checkpoint of the step just finished (unless there is one) and stop."""
@@ -195,38 +207,14 @@ class Trainer:
             **self.train_data.metrics(),
         })
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Validation loss per token of each source's held-out batches, their mixture-weighted
-        mean, perplexity, and bits per byte (independent of the tokenizer); logged, mean returned."""
-        self.model.eval()
-        names = list(self.val_sets)
-        sums = torch.zeros(len(names), 3, device=self.device, dtype=torch.float64)  # nats, tokens, bytes
-        for i, name in enumerate(names):
-            for inputs, labels in self.val_sets[name]:
-                inputs, labels = inputs.to(self.device), labels.to(self.device)
-                with self.engine.autocast():
-                    logits = self.model(inputs)
-                sums[i, 0] += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                              ignore_index=IGNORE_INDEX, reduction="sum")
-                scored = labels[labels != IGNORE_INDEX]
-                sums[i, 1] += scored.numel()
-                sums[i, 2] += self.token_bytes[scored].sum()
-        self.model.train()
-        sums = sum_over_ranks(sums).tolist()  # each rank evaluated its share of every source
-        weights = {s.name: s.weight for s in self.cfg.data.sources}
-        total_weight = sum(weights[name] for name in names)
-        loss = {name: nats / tokens for name, (nats, tokens, _) in zip(names, sums)}
-        bpb = {name: nats / (max(size, 1.0) * math.log(2)) for name, (nats, _, size) in zip(names, sums)}
-        val_loss = sum(weights[name] * loss[name] for name in names) / total_weight
-        record = {"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss,
-                  "val_ppl": math.exp(min(val_loss, 50.0)),
-                  "val_bpb": sum(weights[name] * bpb[name] for name in names) / total_weight}
-        if len(names) > 1:
-            record.update(val_loss_by_source=loss, val_bpb_by_source=bpb,
-                          val_ppl_by_source={name: math.exp(min(v, 50.0)) for name, v in loss.items()})
-        self.metrics.log(record)
-        return val_loss
+        """Validation loss, perplexity and bits per byte, per source and mixture-weighted
+        (pretrain/evaluation.py); logged, the weighted loss returned."""
+        metrics = validation_metrics(self.model, self.val_sets, self.token_bytes,
+                                     {s.name: s.weight for s in self.cfg.data.sources}, self.device,
+                                     self.engine.autocast, sum_over_ranks)  # each rank evaluated its share
+        self.metrics.log({"step": self.step, "tokens": self.tokens_seen, **metrics})
+        return metrics["val_loss"]
 
     def write_samples(self) -> list[str]:
         """Complete each of eval.sample_prompts; print them and append them to out_dir/samples.txt."""
@@ -288,6 +276,9 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpoints.finish()
+        self.run_hooks()
+        if self.hooks is not None:
+            self.hooks.close()  # waits for background hooks: their results belong to this run
         self.train_data.close()
         self.metrics.close()
         if self.owns_process_group:

@@ -1,0 +1,102 @@
+"""Eval hooks: user functions called with every newly completed checkpoint.
+
+A hook is `package.module:function` from `eval.hooks`, called on rank 0 as
+`function(checkpoint, step, config, **eval.hook_options[spec])` with the checkpoint directory,
+its step and the run's Config; a dict of numbers it returns is logged like any other metric
+(under `eval/<function>/<key>`) and appended to out_dir/eval/<function>.jsonl. With
+`eval.hooks_async` the hooks run one at a time in a separate process and training does not wait;
+their results are logged when they arrive. A hook that raises is logged with its traceback and
+training goes on. Hooks are imported only from what the config names."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import traceback
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from pretrain.config import Config
+from pretrain.errors import ConfigError
+from pretrain.evaluation import append_record
+
+log = logging.getLogger("pretrain")
+
+
+def resolve_hook(spec: str) -> Callable:
+    """The function `package.module:function` names; a ConfigError with the fix if it is not there."""
+    module_name, _, function_name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError([f"eval.hooks entry {spec!r} cannot be imported ({exc}); check the module is on "
+                           "PYTHONPATH and the function name"]) from None
+    if not callable(function):
+        raise ConfigError([f"eval.hooks entry {spec!r} is not a function"])
+    return function
+
+
+def run_hook(spec: str, checkpoint: str, step: int, config: Config, options: dict) -> tuple[dict | None, str | None]:
+    """(metrics, None) or (None, traceback): never raises, so one bad hook cannot stop training."""
+    try:
+        result = resolve_hook(spec)(checkpoint, step, config, **options)
+    except Exception:
+        return None, traceback.format_exc()
+    if result is not None and not isinstance(result, dict):
+        return None, f"{spec} returned {type(result).__name__}, not a dict of metrics"
+    return result or {}, None
+
+
+class HookRunner:
+    """Calls the configured hooks for each published checkpoint and logs what they return."""
+
+    def __init__(self, cfg: Config, log_metrics: Callable[[dict], None]):
+        self.cfg, self.log_metrics = cfg, log_metrics
+        self.specs = list(cfg.eval.hooks)
+        for spec in self.specs:
+            resolve_hook(spec)  # a typo fails now, before any compute
+        self.pending: list[tuple[str, int, Future]] = []
+        self.pool = None
+        if self.specs and cfg.eval.hooks_async:
+            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+    def checkpoint_ready(self, checkpoint: Path, step: int) -> None:
+        for spec in self.specs:
+            args = (spec, str(checkpoint), step, self.cfg, dict(self.cfg.eval.hook_options.get(spec, {})))
+            if self.pool is None:
+                self._report(spec, step, *run_hook(*args))
+            else:
+                self.pending.append((spec, step, self.pool.submit(run_hook, *args)))
+
+    def poll(self, wait: bool = False) -> None:
+        """Log the results of background hooks that finished (all of them, with `wait`)."""
+        still = []
+        for spec, step, future in self.pending:
+            if wait or future.done():
+                try:
+                    self._report(spec, step, *future.result())
+                except Exception:  # the worker process itself died
+                    self._report(spec, step, None, traceback.format_exc())
+            else:
+                still.append((spec, step, future))
+        self.pending = still
+
+    def close(self) -> None:
+        self.poll(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def _report(self, spec: str, step: int, metrics: dict | None, error: str | None) -> None:
+        name = spec.rpartition(":")[2]
+        if error is not None:
+            log.error("eval hook %s failed on the checkpoint of step %d (training goes on):\n%s", spec, step, error)
+            append_record(Path(self.cfg.out_dir), {"step": step, "hook": spec, "error": error}, f"{name}.jsonl")
+            return
+        append_record(Path(self.cfg.out_dir), {"step": step, **metrics}, f"{name}.jsonl")
+        numbers = {f"eval/{name}/{key}": value for key, value in metrics.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if numbers:
+            self.log_metrics({"step": step, **numbers})
