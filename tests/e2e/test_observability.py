@@ -79,3 +79,22 @@ def test_validation_reports_each_source_and_bits_per_byte(tmp_path, corpus_file,
     size = lengths[labels[labels != IGNORE_INDEX].numpy()].sum()
     tokens = int((labels != IGNORE_INDEX).sum())
     assert final["val_bpb_by_source"]["web"] == pytest.approx(by_source["web"] * tokens / (size * math.log(2)))
+
+
+def test_report_of_a_real_run_draws_its_sources(tmp_path, corpus_file, tokenizer_file, capsys):
+    from pretrain.cli import main
+    from pretrain.report import load_metrics, plot_report
+
+    docs = corpus_file.read_text().split("\n\n")
+    halves = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    halves[0].write_text("\n\n".join(docs[::2]))
+    halves[1].write_text("\n\n".join(docs[1::2]))
+    sources = f"[{{name: a, path: '{halves[0]}'}}, {{name: b, path: '{halves[1]}'}}]"
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=4, eval__every=2, eval__batches=1,
+                               data__sources=sources, data__val_fraction=0.2)
+    assert Trainer(load_config(None, overrides)).train() == 0
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.png").stat().st_size > 10_000 and "data:image/png;base64," in (run / "report.html").read_text()
+    curves = plot_report([load_metrics(run)], tmp_path / "again.png")
+    assert curves["validation perplexity"] == 2 and curves["training loss"] == 1
