@@ -1,5 +1,6 @@
 """What a researcher watches: validation per source with bits per byte, an offline wandb run
-holding the metrics (and resumed after a restart), and the progress bar."""
+holding the metrics (and resumed after a restart), TensorBoard scalars, the progress bar and
+the report of a real run."""
 
 from __future__ import annotations
 
@@ -98,3 +99,18 @@ def test_report_of_a_real_run_draws_its_sources(tmp_path, corpus_file, tokenizer
     assert (run / "report.png").stat().st_size > 10_000 and "data:image/png;base64," in (run / "report.html").read_text()
     curves = plot_report([load_metrics(run)], tmp_path / "again.png")
     assert curves["validation perplexity"] == 2 and curves["training loss"] == 1
+
+
+def test_tensorboard_gets_the_same_scalars(tmp_path, corpus_file, tokenizer_file):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=4, logging__every=2, eval__every=4,
+                               logging__tensorboard=True)
+    assert Trainer(load_config(None, overrides)).train() == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == losses
+    assert "mix_share/corpus" in events.Tags()["scalars"] and "val_bpb" in events.Tags()["scalars"]
