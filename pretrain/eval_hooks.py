@@ -50,13 +50,15 @@ def run_hook(spec: str, checkpoint: str, step: int, config: Config, options: dic
 
 
 class HookRunner:
-    """Calls the configured hooks for each published checkpoint and logs what they return."""
+    """Calls the configured hooks for each published checkpoint and logs what they return.
+    Built on every rank, so that a hook that cannot be imported stops all of them at once; only
+    the `enabled` one (rank 0) calls hooks."""
 
-    def __init__(self, cfg: Config, log_metrics: Callable[[dict], None]):
+    def __init__(self, cfg: Config, log_metrics: Callable[[dict], None], enabled: bool = True):
         self.cfg, self.log_metrics = cfg, log_metrics
-        self.specs = list(cfg.eval.hooks)
-        for spec in self.specs:
+        for spec in cfg.eval.hooks:
             resolve_hook(spec)  # a typo fails now, before any compute
+        self.specs = list(cfg.eval.hooks) if enabled else []
         self.pending: list[tuple[str, int, Future]] = []
         self.pool = None
         if self.specs and cfg.eval.hooks_async:

@@ -82,7 +82,7 @@ class Trainer:
                                             self.dist.world_size, sources)
             self.token_bytes = torch.from_numpy(self.tokenizer.token_byte_lengths()).to(self.device)
         self.metrics = MetricLogger.for_config(cfg, enabled=self.dist.is_main)
-        self.hooks = HookRunner(cfg, self.metrics.log) if self.dist.is_main else None
+        self.hooks = HookRunner(cfg, self.metrics.log, enabled=self.dist.is_main)
 
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         if cfg.logging.peak_flops:
@@ -154,14 +154,12 @@ class Trainer:
         self.run_hooks()
         return time.perf_counter() - start
 
-    def run_hooks(self, wait: bool = False) -> None:
+    def run_hooks(self) -> None:
         """Hand newly published checkpoints to the eval hooks; log results that came back."""
-        if self.hooks is None:
-            return
         published, self.checkpoints.published = self.checkpoints.published, []
         for step, path in published:
             self.hooks.checkpoint_ready(path, step)
-        self.hooks.poll(wait)
+        self.hooks.poll()
 
     def stop_for_preemption(self) -> None:
         """Save a checkpoint of the step just finished (unless there is one) and stop."""
@@ -277,8 +275,7 @@ class Trainer:
     def close(self) -> None:
         self.checkpoints.finish()
         self.run_hooks()
-        if self.hooks is not None:
-            self.hooks.close()  # waits for background hooks: their results belong to this run
+        self.hooks.close()  # waits for background hooks: their results belong to this run
         self.train_data.close()
         self.metrics.close()
         if self.owns_process_group:
