@@ -144,7 +144,19 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     dist = dist_info_from_env(cfg.train.device)
     setup_logging(dist.rank, cfg.logging.all_ranks)
-    return Trainer(cfg, dist).train()
+    code = Trainer(cfg, dist).train()
+    if dist.world_size > 1:
+        # Everything is written and the process group is gone; skip the interpreter's teardown,
+        # where process-group threads destroyed in arbitrary order still made a rank abort
+        # (SIGABRT, "terminate called without an active exception") now and then after a
+        # clean run, turning a finished job into a failed one.
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def run_config(args: argparse.Namespace, extra: list[str]) -> int:
