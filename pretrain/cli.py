@@ -139,23 +139,14 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> int:
     from pretrain.log_setup import setup_logging
 
     cfg = _load(args, extra)
-    from pretrain.parallel import dist_info_from_env
+    from pretrain.parallel import dist_info_from_env, exit_process
     from pretrain.trainer import Trainer
 
     dist = dist_info_from_env(cfg.train.device)
     setup_logging(dist.rank, cfg.logging.all_ranks)
     code = Trainer(cfg, dist).train()
     if dist.world_size > 1:
-        # Everything is written and the process group is gone; skip the interpreter's teardown,
-        # where process-group threads destroyed in arbitrary order still made a rank abort
-        # (SIGABRT, "terminate called without an active exception") now and then after a
-        # clean run, turning a finished job into a failed one.
-        import os
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_process(code)  # everything is written; see exit_process for why not a normal exit
     return code
 
 

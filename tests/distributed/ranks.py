@@ -10,7 +10,7 @@ from typing import Callable
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pretrain.parallel import destroy_process_group
+from pretrain.parallel import destroy_process_group, exit_process
 
 
 def run_ranks(fn: Callable, world_size: int, *args: object, process_group: bool = True) -> None:
@@ -28,11 +28,10 @@ def run_ranks(fn: Callable, world_size: int, *args: object, process_group: bool 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, process_group: bool, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
-    if not process_group:
-        fn(rank, world_size, *args)
-        return
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    if process_group:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, world_size, *args)
     finally:
         destroy_process_group()  # ours: the ranks leave together (see its docstring)
+    exit_process(0)  # as `pretrain train` does: no interpreter teardown (see its docstring)
