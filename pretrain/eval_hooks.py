@@ -21,6 +21,7 @@ from typing import Callable
 from pretrain.config import Config
 from pretrain.errors import ConfigError
 from pretrain.evaluation import append_record
+from pretrain.tracking import flatten
 
 log = logging.getLogger("pretrain")
 
@@ -98,7 +99,6 @@ class HookRunner:
             append_record(Path(self.cfg.out_dir), {"step": step, "hook": spec, "error": error}, f"{name}.jsonl")
             return
         append_record(Path(self.cfg.out_dir), {"step": step, **metrics}, f"{name}.jsonl")
-        numbers = {f"eval/{name}/{key}": value for key, value in metrics.items()
-                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        numbers = flatten(metrics, f"eval/{name}/")
         if numbers:
             self.log_metrics({"step": step, **numbers})

@@ -7,6 +7,10 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pretrain.config import Config
 
 log = logging.getLogger("pretrain")
 
@@ -27,7 +31,7 @@ class MetricLogger:
             self._file = path.open("a", encoding="utf-8")
 
     @classmethod
-    def for_config(cls, cfg, enabled: bool = True) -> MetricLogger:
+    def for_config(cls, cfg: Config, enabled: bool = True) -> MetricLogger:
         """The logger of a run: metrics.jsonl and console, plus the trackers `cfg.logging` enables."""
         from pretrain.tracking import TensorBoardSink, WandbSink
 

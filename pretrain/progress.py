@@ -22,7 +22,7 @@ class TrainingProgress:
 
         self.bar = tqdm(total=last_step, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stderr,
                         unit_scale=False, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
-        self.tokens_per_step, self.steps, self.start = tokens_per_step, 0, time.perf_counter()
+        self.tokens_per_step, self.start = tokens_per_step, time.perf_counter()
         self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
 
     def __enter__(self) -> TrainingProgress:
@@ -37,9 +37,9 @@ class TrainingProgress:
     def advance(self) -> None:
         if self.bar is None:
             return
-        self.steps += 1
+        steps = self.bar.n + 1 - self.bar.initial  # this run's, not the resumed ones
         seconds = time.perf_counter() - self.start
-        self.bar.set_postfix_str(f"{self.steps * self.tokens_per_step / seconds:,.0f} tok/s", refresh=False)
+        self.bar.set_postfix_str(f"{steps * self.tokens_per_step / seconds:,.0f} tok/s", refresh=False)
         self.bar.update(1)
 
 
