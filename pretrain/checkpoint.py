@@ -34,7 +34,8 @@ from pretrain.checkpoint_layout import (
 )
 from pretrain.config import CheckpointConfig
 from pretrain.errors import CorruptCheckpoint, PretrainError
-from pretrain.parallel import DistInfo, Engine, barrier, side_group
+from pretrain.faults import FaultInjector
+from pretrain.parallel import DistInfo, Engine, any_rank, barrier, side_group
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ class CheckpointManager:
     """Saves (synchronously, or in the background with checkpoint.async), prunes and restores
     checkpoints. Every method that takes an engine is called on every rank."""
 
-    def __init__(self, cfg: CheckpointConfig, out_dir: str, dist_info: DistInfo):
+    def __init__(self, cfg: CheckpointConfig, out_dir: str, dist_info: DistInfo, faults: FaultInjector | None = None):
         self.cfg, self.dist = cfg, dist_info
+        self.faults = faults or FaultInjector(dist_info.rank, spec="")
         self.root = Path(out_dir) / "checkpoints"
         self.pending: _PendingSave | None = None
         self.saved_step: int | None = None  # the newest checkpoint this run saved or resumed from
@@ -76,27 +78,51 @@ class CheckpointManager:
         start = time.perf_counter()
         self.finish()  # one write at a time
         final = checkpoint_dir(self.root, step)
-        tmp = temporary_sibling(final) if self.dist.is_main else temporary_path(final)
-        barrier()
-        (tmp / RNG_DIR).mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / RNG_DIR / f"rank_{self.dist.rank:05d}.pt")
+        tmp = temporary_path(final)
         manifest = {"format_version": FORMAT_VERSION, "step": step, "tokens_seen": state.get("tokens_seen"),
                     "engine": engine.checkpoint_format, "world_size": self.dist.world_size,
                     "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest()}
-        if self.dist.is_main:
-            torch.save(state, tmp / TRAINER_STATE)
-            (tmp / CONFIG).write_text(config_yaml)
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-        self.saved_step = step
+        failure = None
+        try:
+            if self.dist.is_main:
+                temporary_sibling(final)
+            barrier()
+            self.faults.checkpoint_writing(step)
+            (tmp / RNG_DIR).mkdir(exist_ok=True)
+            torch.save(rng_state(), tmp / RNG_DIR / f"rank_{self.dist.rank:05d}.pt")
+            if self.dist.is_main:
+                torch.save(state, tmp / TRAINER_STATE)
+                (tmp / CONFIG).write_text(config_yaml)
+                shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        except OSError as exc:
+            failure = exc
+        if any_rank(failure is not None):  # all ranks give up together, before the engine's collectives
+            self._abandon(final, failure)
         if self.cfg.async_save:
             self.pending = _PendingSave(engine.save_async(tmp, self.group), step, manifest, start)
+            self.saved_step = step
             return time.perf_counter() - start
-        engine.save(tmp)
+        try:
+            engine.save(tmp)  # DCP reports a rank's failed write to every rank
+        except (OSError, CheckpointException) as exc:
+            self._abandon(final, exc)
+        self.saved_step = step
         barrier()
         if self.dist.is_main:
             self._publish(step, manifest, start)
         barrier()
         return time.perf_counter() - start
+
+    def _abandon(self, final: Path, failure: BaseException | None) -> None:
+        """Remove a checkpoint whose writing failed on some rank and stop with the reason."""
+        if self.dist.is_main:
+            shutil.rmtree(temporary_path(final), ignore_errors=True)
+        reason = str(failure).splitlines()[0][:300] if failure else "it failed on another rank; see that rank's log"
+        previous = complete_checkpoints(self.root)
+        kept = f"the newest complete checkpoint, {previous[-1]}, is intact" if previous else "no earlier checkpoint exists"
+        raise PretrainError(f"writing checkpoint {final} failed ({reason}); {kept}. "
+                            f"Free disk space or fix the permissions of {self.root} (checkpoint.keep_last limits how "
+                            "many are kept), then restart: training resumes from the newest complete checkpoint")
 
     def poll(self) -> None:
         """Publish a background write that has completed. Cheap: call it every step."""

@@ -42,6 +42,13 @@ class TrainingProgress:
         self.bar.set_postfix_str(f"{steps * self.tokens_per_step / seconds:,.0f} tok/s", refresh=False)
         self.bar.update(1)
 
+    def rewind(self, step: int) -> None:
+        """Show `step` as the current one again (after a rollback to an earlier checkpoint)."""
+        if self.bar is not None:
+            self.bar.n = self.bar.initial = step
+            self.start = time.perf_counter()
+            self.bar.refresh()
+
 
 def progress_enabled(setting: bool | None, is_main: bool) -> bool:
     """On rank 0 only; `None` means when stderr is a terminal."""

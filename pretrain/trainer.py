@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.checkpoint import CheckpointManager
+from pretrain.checkpoint_layout import complete_checkpoints
 from pretrain.config import Config, ParallelConfig, config_to_yaml, grad_accum_steps, save_config
 from pretrain.data import IGNORE_INDEX, TrainData, load_or_train_tokenizer, open_sources, validation_sets
 from pretrain.errors import PREEMPTED_EXIT_CODE, CorruptCheckpoint, PretrainError
 from pretrain.eval_hooks import HookRunner
 from pretrain.evaluation import validation_metrics
+from pretrain.faults import FaultInjector
 from pretrain.generate import generate
 from pretrain.hardware import keep_freed_memory, memory_gib, peak_flops, resolve_precision
 from pretrain.metrics import MetricLogger
@@ -33,6 +36,8 @@ from pretrain.parallel import (
 )
 from pretrain.preemption import PreemptionSignals
 from pretrain.progress import TrainingProgress, progress_enabled
+from pretrain.step_guard import OK, BadBatchLedger, StepGuard, Verdict
+from pretrain.watchdog import HangWatchdog
 
 log = logging.getLogger("pretrain")
 
@@ -59,7 +64,10 @@ class Trainer:
         sources = open_sources(cfg.data)  # lists every file: a missing one fails before any compute
         with main_rank_first(self.dist):  # one rank trains a missing tokenizer, the others load it
             self.tokenizer = load_or_train_tokenizer(cfg, sources)
-        self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist)
+        self.faults = FaultInjector(self.dist.rank)  # PRETRAIN_FAULTS fire drills; nothing when unset
+        self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist, self.faults)
+        self.guard = StepGuard(cfg.train)
+        self.ledger = BadBatchLedger(cfg.out_dir, self.dist.is_main)
         resume_candidates = self.checkpoints.resume_candidates()
         initial_weights = None
         if cfg.checkpoint.init_from and not resume_candidates:
@@ -122,17 +130,24 @@ class Trainer:
             self.evaluate()  # the untrained model's loss, ~ln(vocab_size): a check on init and data
         interval_start, interval_steps = time.perf_counter(), 0
         show_progress = progress_enabled(cfg.logging.progress, self.dist.is_main)
-        with TrainingProgress(show_progress, self.step, last_step, cfg.train.global_batch_tokens) as progress:
+        with TrainingProgress(show_progress, self.step, last_step, cfg.train.global_batch_tokens) as progress, \
+                HangWatchdog(cfg.train.hang_timeout_s, self.dist.rank) as watchdog:
             while self.step < last_step:
-                loss, grad_norm = self.train_step()
+                watchdog.beat(f"step {self.step + 1}")
+                loss, grad_norm, verdict = self.train_step()
                 self.step += 1
                 self.tokens_seen += cfg.train.global_batch_tokens
                 interval_steps += 1
                 progress.advance()
+                if verdict is not OK and self.handle_bad_step(verdict):
+                    progress.rewind(self.step)  # rolled back to an earlier checkpoint
+                    interval_start, interval_steps = time.perf_counter(), 0
+                    continue
                 if due(self.step, cfg.logging.every) or self.step == last_step:
                     elapsed = time.perf_counter() - interval_start
                     self.log_step(loss, grad_norm, elapsed / interval_steps, last_step)
                     interval_start, interval_steps = time.perf_counter(), 0
+                watchdog.beat(f"evaluation and checkpointing after step {self.step}")
                 interval_start += self.run_interval_actions(last_step)  # not training time: excluded
                 if any_rank(signals.requested is not None) and self.step < last_step:
                     self.stop_for_preemption()
@@ -170,9 +185,13 @@ class Trainer:
                     "requeued (it resumes from that checkpoint)", self.step, PREEMPTED_EXIT_CODE)
         self.exit_code = PREEMPTED_EXIT_CODE
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `grad_accum` micro-batches; returns (this rank's mean loss, grad norm)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, Verdict]:
+        """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss, the
+        gradient norm and the guard's verdict (a step judged bad has not changed the weights,
+        except under DeepSpeed, which updates before it can be judged)."""
         self.model.train()
+        step = self.step + 1
+        self.faults.step_started(step)
         loss_sum = torch.zeros((), device=self.device)
         for inputs, labels, document_ids in self.train_data.next_step():
             inputs = inputs.to(self.device, non_blocking=True)
@@ -182,12 +201,74 @@ class Trainer:
             with self.engine.autocast():
                 logits = self.model(inputs, document_ids)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            loss = self.faults.corrupt_loss(step, loss)
             # Every micro-batch holds the same number of tokens, so the mean of means is the mean.
             self.engine.backward(loss / self.grad_accum)
             loss_sum += loss.detach()
-        grad_norm = self.engine.step(self.cfg.optim.grad_clip)
+        loss = loss_sum / self.grad_accum
+        verdict = OK
+
+        def approve(grad_norm: torch.Tensor) -> bool:
+            nonlocal verdict
+            verdict = self.judge(loss, grad_norm)
+            return verdict.applies_update
+
+        grad_norm = self.engine.step(self.cfg.optim.grad_clip, approve)
         self.scheduler.step()
-        return loss_sum / self.grad_accum, grad_norm
+        return loss, grad_norm, verdict
+
+    def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> Verdict:
+        """The guard's verdict on this step, from the loss averaged over ranks and the gradient
+        norm (non-finite on any rank counts for all): the same on every rank."""
+        nonfinite = (~torch.isfinite(grad_norm.detach())).float().to(loss.device)
+        totals = sum_over_ranks(torch.stack([loss.detach().float(), nonfinite]).cpu())
+        mean_loss, any_nonfinite = totals[0].item() / self.dist.world_size, totals[1].item() > 0
+        return self.guard.judge(mean_loss, math.inf if any_nonfinite else grad_norm.item())
+
+    def handle_bad_step(self, verdict: Verdict) -> bool:
+        """Act on a step judged bad (all ranks together); returns whether the run rolled back."""
+        entry = {"step": self.step, "action": verdict.action, "reason": verdict.reason,
+                 "data_step": self.train_data.step}
+        if verdict.action == "warn":
+            log.warning("step %d: %s (train.on_loss_spike=warn: the update was applied)", self.step, verdict.reason)
+            self.ledger.record(entry)
+            return False
+        if verdict.action == "stop":
+            self.ledger.record(entry)
+            raise PretrainError(f"step {self.step}: {verdict.reason}; stopping as the config asks (train.on_nonfinite "
+                                f"/ train.on_loss_spike = stop). Recorded in {self.ledger.path}. Resume from the last "
+                                "checkpoint with a lower optim.lr, or choose skip or rollback")
+        if verdict.action == "skip":
+            log.warning("step %d: %s; its update was skipped", self.step, verdict.reason)
+            self.ledger.record(entry)
+            rolled_back = False
+        else:
+            rolled_back = self.roll_back(entry)
+        limit = self.cfg.train.max_bad_steps
+        if limit and self.ledger.bad_steps() >= limit:
+            raise PretrainError(f"{self.ledger.bad_steps()} steps of this run were skipped or rolled back "
+                                f"(train.max_bad_steps={limit}; see {self.ledger.path}): training is unstable. "
+                                "Resume from a checkpoint with a lower optim.lr or more warmup")
+        return rolled_back
+
+    def roll_back(self, entry: dict) -> bool:
+        """Reload the newest checkpoint and continue with the data after the bad step, so that the
+        window between them is never trained on (the ledger keeps that across restarts)."""
+        data_after = self.train_data.state_dict()  # collective: every rank is here
+        self.checkpoints.finish()
+        candidates = list(reversed(complete_checkpoints(self.checkpoints.root)))
+        if not candidates:
+            self.ledger.record({**entry, "action": "stop"})
+            raise PretrainError(f"step {self.step}: {entry['reason']}; train.on_nonfinite/on_loss_spike=rollback, but "
+                                "there is no checkpoint to roll back to yet. Set checkpoint.every (e.g. 500), or "
+                                "choose skip")
+        bad_step = self.step
+        self.resume(candidates)
+        self.ledger.record({**entry, "rollback_to": self.step, "data_state": data_after})
+        self.train_data.load_state_dict(data_after)
+        log.warning("step %d: %s; rolled back to the checkpoint of step %d, skipping the data of steps %d-%d",
+                    bad_step, entry["reason"], self.step, self.step + 1, bad_step)
+        return True
 
     def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_seconds: float, last_step: int) -> None:
         tokens_per_s = self.cfg.train.global_batch_tokens / step_seconds
@@ -238,12 +319,17 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything besides model and optimizer that a bit-exact resume needs."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
-                "data": self.train_data.state_dict()}
+                "data": self.train_data.state_dict(), "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_data.load_state_dict(state["data"])
+        self.guard.load_state_dict(state.get("guard"))
+        skip_to = self.ledger.skip_after_resume(self.step)
+        if skip_to is not None:  # a rollback went back to this checkpoint: skip the same data again
+            self.train_data.load_state_dict(skip_to)
+            log.info("skipping the data window of an earlier rollback to step %d (%s)", self.step, self.ledger.path)
 
     def save_checkpoint(self) -> None:
         blocked = self.checkpoints.save(self.step, self.engine, self.state_dict(), config_to_yaml(self.cfg),
@@ -267,10 +353,12 @@ class Trainer:
                 problems.append(str(exc))
                 if self.dist.is_main:
                     log.warning("%s; trying the previous checkpoint", exc)
-        if candidates:
-            raise PretrainError("no checkpoint in {} could be loaded:\n  - {}\nStart over with "
-                                "--checkpoint.resume=false, or restore a checkpoint".format(
-                                    self.checkpoints.root, "\n  - ".join(problems)))
+        if not candidates:
+            self.ledger.start_afresh()  # an earlier run's rollbacks must not steer this one
+            return
+        raise PretrainError("no checkpoint in {} could be loaded:\n  - {}\nStart over with "
+                            "--checkpoint.resume=false, or restore a checkpoint".format(
+                                self.checkpoints.root, "\n  - ".join(problems)))
 
     def close(self) -> None:
         self.checkpoints.finish()

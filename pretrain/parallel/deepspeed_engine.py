@@ -12,7 +12,7 @@ import copy
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from deepspeed.checkpoint.constants import (
@@ -77,6 +77,7 @@ class DeepSpeedEngine:
     the accumulation steps, as for the other backends."""
 
     checkpoint_format = "deepspeed"
+    can_veto_update = False
 
     def __init__(self, model: nn.Module, cfg: Config, world_size: int, device: torch.device, bf16: bool):
         import deepspeed
@@ -109,12 +110,19 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # only advances DeepSpeed's micro-batch counter
 
-    def step(self, max_norm: float) -> torch.Tensor:
-        """Reduce, clip (to optim.grad_clip, through the DeepSpeed config) and update."""
+    def step(self, max_norm: float, approve: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+        """Reduce, clip (to optim.grad_clip, through the DeepSpeed config) and update; `approve`
+        is told the norm afterwards (DeepSpeed gives no point to veto the update)."""
         assert self.engine.is_gradient_accumulation_boundary(), "step() after fewer backward() calls than accumulation steps"
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        if norm is None:  # zero_optimization.compute_grad_norm=false: only the loss is judged
+            norm = 0.0
+        # DeepSpeed reports a non-finite norm as inf or -1 (and skips that update itself).
+        norm = torch.as_tensor(float("nan") if norm < 0 else norm, dtype=torch.float32)
+        if approve is not None:
+            approve(norm)
+        return norm
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on rank 0's CPU; other ranks get {} (gathers ZeRO-3's shards)."""

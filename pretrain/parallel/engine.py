@@ -11,7 +11,7 @@ import math
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,10 @@ class Engine(Protocol):
 
     def autocast(self) -> contextlib.AbstractContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self, max_norm: float) -> torch.Tensor: ...
+    # Clip and update, unless approve(grad norm) says no: then the gradients are dropped. DeepSpeed
+    # updates inside its own step, so there approve is asked afterwards and cannot veto.
+    can_veto_update: bool
+    def step(self, max_norm: float, approve: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor: ...
     def save(self, path: Path) -> None: ...
     def save_async(self, path: Path, group: dist.ProcessGroup | None) -> Future: ...  # DCP engines only
     def load(self, path: Path) -> None: ...  # refuses a checkpoint whose parameter shapes differ, naming one
@@ -51,6 +54,7 @@ class TorchEngine:
     """A plain, DDP-wrapped or FSDP-sharded model with a torch optimizer."""
 
     checkpoint_format = "dcp"
+    can_veto_update = True
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, autocast_bf16: bool):
         self.model, self.optimizer = model, optimizer
@@ -63,13 +67,14 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, max_norm: float) -> torch.Tensor:
-        """Clip the global gradient norm (0 = no clipping), step, clear gradients; return the norm
-        before clipping."""
+    def step(self, max_norm: float, approve: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+        """Clip the global gradient norm (0 = no clipping), step unless approve(norm) is False,
+        clear gradients; return the norm before clipping."""
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf, foreach=True)
         if isinstance(norm, DTensor):  # FSDP: the norm over all shards, replicated on every rank
             norm = norm.full_tensor()
-        self.optimizer.step()
+        if approve is None or approve(norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

@@ -1,0 +1,69 @@
+"""A watchdog on step time: a rank stuck in a step (a hung collective, a stalled filesystem, a
+deadlocked data worker) dumps every thread's Python stack and exits non-zero, so the launcher
+restarts the job instead of it idling until the allocation ends."""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+HUNG_EXIT_CODE = 124  # as coreutils' `timeout`
+
+
+class HangWatchdog:
+    """While entered, a background thread checks that `beat()` is called at least every
+    `timeout_s` seconds; if not, it logs what was running, dumps all threads' stacks to stderr and
+    ends the process with HUNG_EXIT_CODE. A thread needs the interpreter lock to run, so
+    faulthandler's C-level timer (which does not) backs it up in case a call never releases it.
+    timeout_s=0 disables it."""
+
+    def __init__(self, timeout_s: float, rank: int):
+        self.timeout_s, self.rank = timeout_s, rank
+        self.activity = "starting"
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "HangWatchdog":
+        if self.timeout_s > 0:
+            self.beat(self.activity)
+            self._thread = threading.Thread(target=self._watch, name="pretrain-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            faulthandler.cancel_dump_traceback_later()
+
+    def beat(self, activity: str) -> None:
+        """Note progress; `activity` (e.g. "step 12") names what runs until the next beat."""
+        if self.timeout_s <= 0:
+            return
+        self._last, self.activity = time.monotonic(), activity
+        # The backstop fires a minute after the watchdog thread should have.
+        faulthandler.dump_traceback_later(self.timeout_s + 60, exit=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(self.timeout_s / 4, 10.0)):
+            waited = time.monotonic() - self._last
+            if waited > self.timeout_s:
+                self._fire(waited)
+
+    def _fire(self, waited: float) -> None:
+        log.error("watchdog: rank %d has been in %s for %.0fs (train.hang_timeout_s=%g); dumping every thread's "
+                  "stack and exiting with code %d so the job can restart from its last checkpoint. If steps are "
+                  "legitimately this slow, raise --train.hang_timeout_s", self.rank, self.activity, waited,
+                  self.timeout_s, HUNG_EXIT_CODE)
+        sys.stderr.write(f"--- rank {self.rank}: Python stacks after {waited:.0f}s in {self.activity} ---\n")
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(HUNG_EXIT_CODE)
