@@ -6,6 +6,9 @@
 # Environment:
 #   NPROC   processes on this node (default: one per visible GPU, 2 on a machine without GPUs)
 #   PYTHON  interpreter with pretrain installed (default: .venv/bin/python if present, else python3)
+#   MAX_RESTARTS  times torchrun restarts all processes after one fails (default 3); each restart
+#           resumes from the newest complete checkpoint in out_dir, so a crash costs at most one
+#           checkpoint interval. 0 = fail the job at the first crash.
 # torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/PORT for each process. DeepSpeed runs
 # under torchrun too (no `deepspeed` launcher needed). More than one process needs a
 # parallel.backend that spreads over them (ddp, fsdp or deepspeed).
@@ -28,4 +31,5 @@ if [[ "$NPROC" -gt 1 ]]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 fi
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m pretrain train "$@"
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}" \
+  -m pretrain train "$@"

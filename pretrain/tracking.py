@@ -48,6 +48,9 @@ class WandbSink:
         id_file = Path(out_dir) / WANDB_RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
         write_file(id_file, run_id + "\n")
+        # wandb's usage analytics follow its process-wide mode, not init's: without this an offline
+        # run still contacts wandb's servers at exit.
+        wandb.setup(settings=wandb.Settings(mode=mode))
         self.run = wandb.init(project=project, entity=entity, mode=mode, id=run_id, resume="allow", dir=out_dir,
                               name=name or Path(out_dir).resolve().name, config=config,
                               settings=wandb.Settings(silent=True, console="off"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -64,6 +65,10 @@ class Trainer:
         sources = open_sources(cfg.data)  # lists every file: a missing one fails before any compute
         with main_rank_first(self.dist):  # one rank trains a missing tokenizer, the others load it
             self.tokenizer = load_or_train_tokenizer(cfg, sources)
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restarts and self.dist.is_main:
+            log.warning("restart %d of this job by torchrun (after a process failed): resuming from the newest "
+                        "complete checkpoint", restarts)
         self.faults = FaultInjector(self.dist.rank)  # PRETRAIN_FAULTS fire drills; nothing when unset
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist, self.faults)
         self.guard = StepGuard(cfg.train)

@@ -61,6 +61,8 @@ def init_process_group(info: DistInfo, timeout_s: float, always: bool = False) -
     kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)}
     if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
         kwargs.update(store=dist.HashStore(), rank=0, world_size=1)  # started without torchrun
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        kwargs.update(store=_attempt_store(kwargs["timeout"]), rank=info.rank, world_size=info.world_size)
     if info.device.type == "cuda":
         # Without async error handling a timed-out NCCL collective blocks forever; with it the
         # watchdog aborts the process and logs the rank and the collective.
@@ -71,6 +73,15 @@ def init_process_group(info: DistInfo, timeout_s: float, always: bool = False) -
     else:
         dist.init_process_group("gloo", **kwargs)
     return True
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's key-value store with a namespace of this attempt's own. The agent keeps one
+    store for the whole job, so after a restart (--max-restarts) the keys of the failed attempt
+    are still there, and the new processes read the dead ones' addresses from them: gloo then
+    fails to connect and the next attempt hangs (seen with torch 2.13)."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"pretrain_attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 @contextlib.contextmanager
