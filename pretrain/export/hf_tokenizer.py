@@ -57,7 +57,7 @@ def write_tokenizer(sp_model: Path, out_dir: Path, max_seq_len: int) -> None:
     # tokenizer.json: converted by transformers from tokenizer.model with our config, in a scratch
     # directory, because save_pretrained also rewrites tokenizer_config.json in its own version's keys.
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-        AutoTokenizer.from_pretrained(str(out_dir)).save_pretrained(scratch)
+        AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True).save_pretrained(scratch)
         shutil.copyfile(Path(scratch) / "tokenizer.json", out_dir / "tokenizer.json")
     check_tokenizer(out_dir, ours)
 
@@ -66,7 +66,7 @@ def check_tokenizer(out_dir: Path, ours: Tokenizer) -> None:
     """Raise PretrainError unless AutoTokenizer.from_pretrained(out_dir) gives our ids and special ids."""
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(out_dir))
+    hf = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)  # never the hub
     for text in SAMPLE_TEXTS:
         expected, got = ours.encode(text), hf.encode(text, verbose=False)
         if got != expected:

@@ -50,7 +50,7 @@ def check_parity(args: ModelArgs, weights: dict[str, torch.Tensor], hf_dir: Path
     tokens = parity_tokens(args)
     ours = build_model(args, weights)(tokens)
     del weights
-    hf_model = LlamaForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager", **_fp32())
+    hf_model = LlamaForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager", local_files_only=True, **_fp32())
     theirs = hf_model.eval()(input_ids=tokens).logits
     if theirs.shape != ours.shape:
         raise PretrainError(f"parity: the exported model returns logits of shape {tuple(theirs.shape)}, the "
