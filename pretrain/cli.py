@@ -50,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     train.set_defaults(run=run_train, accepts_overrides=True)
 
+    preflight = commands.add_parser(
+        "preflight", help="check a job before it spends its allocation (run it as you run train)",
+        description="Under the same launcher as `pretrain train` (e.g. torchrun): check that every rank answers, "
+                    "time an all-reduce (algorithm and bus bandwidth), measure the device's matmul FLOP/s against "
+                    "its datasheet peak, estimate memory per rank for the config and check that out_dir has room "
+                    "for two checkpoints. Exits 1 naming the problem and the fix when a check fails. Training runs "
+                    "the cheap checks (memory, disk, ranks) itself when it starts.")
+    preflight.add_argument("config", help="YAML config file")
+    preflight.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    preflight.set_defaults(run=run_preflight, accepts_overrides=True)
+
     check = commands.add_parser(
         "config", help="validate a config and print it fully resolved",
         description="Load, override and validate a config without training; print the result as YAML.",
@@ -147,6 +158,20 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> int:
     code = Trainer(cfg, dist).train()
     if dist.world_size > 1:
         exit_process(code)  # everything is written; see exit_process for why not a normal exit
+    return code
+
+
+def run_preflight(args: argparse.Namespace, extra: list[str]) -> int:
+    import os
+
+    from pretrain import preflight
+    from pretrain.log_setup import setup_logging
+    from pretrain.parallel import exit_process
+
+    setup_logging(int(os.environ.get("RANK", "0")))
+    code = preflight.main(args.config, [*args.overrides, *extra])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_process(code)
     return code
 
 

@@ -20,7 +20,7 @@ from pretrain.eval_hooks import HookRunner
 from pretrain.evaluation import validation_metrics
 from pretrain.faults import FaultInjector
 from pretrain.generate import generate
-from pretrain.hardware import keep_freed_memory, memory_gib, peak_flops, resolve_precision
+from pretrain.hardware import keep_freed_memory, measure_matmul_flops, memory_gib, peak_flops, resolve_precision
 from pretrain.metrics import MetricLogger
 from pretrain.models import Transformer, count_params, flops_per_token
 from pretrain.optim import build_scheduler
@@ -36,6 +36,7 @@ from pretrain.parallel import (
     sum_over_ranks,
 )
 from pretrain.preemption import PreemptionSignals
+from pretrain.preflight import format_report, oom_message, run_preflight
 from pretrain.progress import TrainingProgress, progress_enabled
 from pretrain.step_guard import OK, BadBatchLedger, StepGuard, Verdict
 from pretrain.watchdog import HangWatchdog
@@ -60,6 +61,10 @@ class Trainer:
                                                      always=cfg.parallel.backend != "none")
         if self.device.type == "cpu" and keep_freed_memory():
             log.info("malloc tuned to keep freed memory (faster CPU steps; see hardware.keep_freed_memory)")
+        preflight = run_preflight(cfg, self.dist, measure=False)  # memory, disk, ranks: before any compute
+        if self.dist.is_main:
+            log.info("preflight:\n  %s", "\n  ".join(format_report(preflight)))
+        preflight.raise_on_failure()
         if self.dist.is_main:
             save_config(cfg, cfg.out_dir)
         sources = open_sources(cfg.data)  # lists every file: a missing one fails before any compute
@@ -102,6 +107,11 @@ class Trainer:
             self.peak_flops, peak_source = cfg.logging.peak_flops, "logging.peak_flops"
         else:
             self.peak_flops, peak_source = peak_flops(self.device, self.precision)
+        self.measured_flops = None  # a datasheet peak is also checked against what this device reaches
+        if peak_source.startswith("datasheet"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self.measured_flops = measure_matmul_flops(self.device, dtype, size=8192, seconds=0.2)
+            peak_source += f"; measured matmul {self.measured_flops:.3g} FLOP/s, reported as mfu_measured"
         self.step = 0
         self.tokens_seen = 0
         self.exit_code = 0  # PREEMPTED_EXIT_CODE once a preemption signal stopped the run
@@ -118,8 +128,11 @@ class Trainer:
     def train(self) -> int:
         """Run until train.stop_at (or max_steps), with logging, evaluation and samples on
         intervals; returns the process exit code (PREEMPTED_EXIT_CODE after a preemption signal)."""
-        with collective_failures_named(self.dist, self.cfg.parallel.timeout_s), PreemptionSignals() as signals:
-            self._train(signals)
+        try:
+            with collective_failures_named(self.dist, self.cfg.parallel.timeout_s), PreemptionSignals() as signals:
+                self._train(signals)
+        except torch.OutOfMemoryError as exc:
+            raise PretrainError(oom_message(self.cfg, self.dist.world_size, self.device)) from exc
         return self.exit_code
 
     def _train(self, signals: PreemptionSignals) -> None:
@@ -277,6 +290,8 @@ class Trainer:
 
     def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_seconds: float, last_step: int) -> None:
         tokens_per_s = self.cfg.train.global_batch_tokens / step_seconds
+        flops_per_s = self.flops_per_token * tokens_per_s / self.dist.world_size
+        measured = {"mfu_measured": flops_per_s / self.measured_flops} if self.measured_flops else {}
         self.metrics.log({
             "step": self.step,
             "max_steps": self.cfg.train.max_steps,
@@ -285,7 +300,8 @@ class Trainer:
             "grad_norm": grad_norm.item(),
             "tokens": self.tokens_seen,
             "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size),
+            "mfu": flops_per_s / self.peak_flops,
+            **measured,
             "memory_gib": memory_gib(self.device),
             "eta_s": (last_step - self.step) * step_seconds,
             **self.train_data.metrics(),

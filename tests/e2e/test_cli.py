@@ -145,7 +145,7 @@ def test_slurm_script_starts_one_torchrun_per_node_meeting_on_the_first(tmp_path
                     SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="4", PYTHON="python3")
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("srun ")]
-    assert ("python3 -m torch.distributed.run --nnodes 2 --nproc_per_node 4 --rdzv_id 4242 --rdzv_backend c10d "
+    assert ("python3 -m torch.distributed.run --nnodes 2 --nproc_per_node 4 --max-restarts 3 --rdzv_id 4242 --rdzv_backend c10d "
             "--rdzv_endpoint gpu-node-07:29500 -m pretrain train configs/demo.yaml --parallel.backend=fsdp "
             "--parallel.replicate=2") in line
     for script, first_line in (("slurm.sbatch", "Multi-node launch"), ("torchrun.sh", "Single-node launch")):
@@ -202,3 +202,13 @@ def test_prepared_shards_train_exactly_like_text_and_a_changed_mixture_names_the
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "data.sources[0].weight ('topics'): 0.4 in the checkpoint, 0.5 now" in result.stderr
     assert "--data.allow_changed_data=true" in result.stderr
+
+
+def test_preflight_reports_each_check_and_passes(tmp_path, corpus_file, tokenizer_file):
+    result = pretrain("preflight", "configs/demo.yaml", *tiny_overrides(tmp_path / "run", corpus_file, tokenizer_file),
+                      "--checkpoint.every=5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    labels = [line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith(" ")]
+    assert labels == ["ranks", "matmul", "memory", "checkpoint", "result"], result.stdout
+    assert "1 of 1 answered" in result.stdout and "TFLOP/s" in result.stdout and result.stdout.rstrip().endswith("ok")
+    assert pretrain("preflight", "--help").returncode == 0
