@@ -239,13 +239,18 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int | N
     data = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError([f"cannot read config file {path!r}: {exc.strerror}"]) from None
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"config file {path!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); save "
+                               "it as UTF-8"]) from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            raise ConfigError([f"cannot read config file {path!r}: {getattr(exc, 'strerror', None) or exc}"]) from None
         try:
-            data = load_yaml_text(text) or {}
+            data = load_yaml_text(text)
         except yaml.YAMLError as exc:
             raise ConfigError([f"{path} is not valid YAML: {exc}"]) from None
+        if data is None:  # an empty file: every default
+            data = {}
     pairs, problems = parse_overrides(list(overrides))
     if isinstance(data, dict):
         for key, value in pairs:
@@ -256,7 +261,11 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int | N
     if problems:
         raise ConfigError(problems, source)
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        text = os.environ.get("WORLD_SIZE", "1")
+        if not text.isdigit():
+            raise ConfigError([f"the environment variable WORLD_SIZE={text!r} is not a whole number; launch with "
+                               "torchrun, which sets it, or unset it"], source)
+        world_size = int(text)
     from pretrain.config_checks import validate  # the rules import this module's types
 
     return validate(config, world_size, source)

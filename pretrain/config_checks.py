@@ -25,6 +25,9 @@ from pretrain.models.args import ModelArgs
 
 def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Config:
     """Check every cross-field rule, report all problems at once, and fill derived values."""
+    if world_size < 1:  # the batch rules divide by it
+        raise ConfigError([f"the world size is {world_size}; it must be >= 1 (WORLD_SIZE is set by torchrun, "
+                           "or leave it unset for one process)"], source)
     problems: list[str] = []
     problems += _check_model(cfg.model)
     problems += _check_data(cfg.data)
@@ -79,7 +82,10 @@ def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Con
 
 
 def _divisors(n: int) -> str:
-    return "{" + ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) + "}"
+    if n > 10**12:  # a trial division up to sqrt(n) would take minutes
+        return f"{{the divisors of {n}}}"
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return "{" + ", ".join(str(d) for d in sorted({*small, *(n // d for d in small)})) + "}"
 
 
 def _check_model(m: ModelArgs) -> list[str]:
@@ -151,7 +157,11 @@ def _check_source_path(path: str, key: str) -> list[str]:
                 "(or a glob such as 'dir/*.jsonl')"]
     if "://" in path:
         return []
-    if not any(os.path.isfile(p) for p in glob.glob(os.path.expanduser(path))):
+    try:
+        matches = glob.glob(os.path.expanduser(path))
+    except ValueError:  # UnicodeEncodeError included
+        return [f"{key}={path!r} cannot name a file: it holds a NUL character or a lone surrogate; fix the path"]
+    if not any(os.path.isfile(p) for p in matches):
         return [f"{key}={path!r} matches no file; check the path (relative paths start at {os.getcwd()})"]
     return []
 

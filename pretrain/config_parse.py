@@ -6,7 +6,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import MISSING, field
@@ -49,7 +51,28 @@ _YamlLoader.add_implicit_resolver(
 
 
 def load_yaml_text(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)
+    """Parse YAML; every failure is a yaml.YAMLError (callers report those with the file or key)."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except ValueError as exc:  # PyYAML lets through int()'s 4300-digit limit and dates such as 2024-13-45
+        raise yaml.constructor.ConstructorError(
+            None, None, f"a value read as a number or a date cannot be converted ({str(exc)[:100]}); quote it "
+            "if it is meant as text", None) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise yaml.constructor.ConstructorError(
+            None, None, "collections nested too deeply (hundreds of levels)", None) from None
+
+
+# Values are quoted into messages shortened, so that a huge (or alias-expanded) value cannot flood
+# the message or take minutes to print.
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 120
+_short.maxlevel, _short.maxlist, _short.maxdict = 3, 8, 8
+
+
+def show(value: Any) -> str:
+    """`repr(value)`, shortened to about a line."""
+    return _short.repr(value)
 
 
 def parse_overrides(args: list[str]) -> tuple[list[tuple[str, Any]], list[str]]:
@@ -66,8 +89,13 @@ def parse_overrides(args: list[str]) -> tuple[list[tuple[str, Any]], list[str]]:
         key, text = match.groups()
         try:
             overrides.append((key, load_yaml_text(text) if text != "" else None))
+        except yaml.reader.ReaderError as exc:  # a control character or lone surrogate: quoting does not help
+            problems.append(f"--{key}: the value {show(text)} holds the character #x{exc.character:04x}, which "
+                            "YAML does not allow; remove it")
         except yaml.YAMLError as exc:
-            problems.append(f"--{key}: the value {text!r} is not valid YAML ({exc.problem}); quote it")
+            problem = str(getattr(exc, "problem", None) or exc)
+            fix = "" if "quote it" in problem else "; quote it"
+            problems.append(f"--{key}: the value {show(text)} is not valid YAML ({problem}){fix}")
     return overrides, problems
 
 
@@ -100,7 +128,7 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append(f"{prefix or 'the config'} must be a mapping of keys to values, got {data!r}")
+        problems.append(f"{prefix or 'the config'} must be a mapping of keys to values, got {show(data)}")
         data = {}
     hints = typing.get_type_hints(cls)
     fields = {yaml_key(f): f for f in dataclasses.fields(cls)}
@@ -140,20 +168,25 @@ def convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key, problems)
     if origin is Literal:
-        if value in args:
+        if any(value == a and type(value) is type(a) for a in args):  # True == 1, but not a zero_stage
             return value
         choices = ", ".join(repr(a) for a in args)
-        problems.append(f"{key}={value!r} is not one of {choices}{did_you_mean(str(value), map(str, args))}")
+        hint = did_you_mean(value, map(str, args)) if isinstance(value, str) else ""
+        problems.append(f"{key}={show(value)} is not one of {choices}{hint}")
         return None
     if origin is list:
         if not isinstance(value, list):
-            problems.append(f"{key}={value!r} must be a list, e.g. {key}='[...]'")
+            problems.append(f"{key}={show(value)} must be a list, e.g. {key}='[...]'")
             return None
         return [convert(item, args[0], f"{key}[{i}]", problems) for i, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            problems.append(f"{key}={value!r} must be a mapping, e.g. {key}='{{a: 1}}'")
+            problems.append(f"{key}={show(value)} must be a mapping, e.g. {key}='{{a: 1}}'")
             return None
+        for k in value:
+            if args[0] is not Any and not isinstance(k, args[0]):
+                problems.append(f"{key}: the key {show(k)} is a {type(k).__name__}, not a string; quote it: "
+                                f"'{k}'")
         return {k: convert(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
     return _convert_scalar(value, tp, key, problems)
 
@@ -171,6 +204,13 @@ def _convert_scalar(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > 1e308:
+                problems.append(f"{key}={show(value)} is too large for a float; use a number below 1e308")
+                return None
+            if not math.isfinite(value):  # no option means anything with NaN or infinity
+                problems.append(f"{key}={value!r} must be a finite number (where an option can be turned "
+                                "off, its help says which value does it)")
+                return None
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -179,7 +219,7 @@ def _convert_scalar(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         raise TypeError(f"config field {key} has unsupported type {tp!r}")
     examples = {bool: "true or false", int: "a whole number such as 8", float: "a number such as 3e-4",
                 str: "a string (quote numbers: '123')"}
-    problems.append(f"{key}={value!r} has the wrong type: expected {examples[tp]}, got {type(value).__name__}")
+    problems.append(f"{key}={show(value)} has the wrong type: expected {examples[tp]}, got {type(value).__name__}")
     return None
 
 

@@ -3,7 +3,9 @@ a tokenizer trained on it once per session, and tiny configs that train in secon
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,19 @@ def take(data, steps: int) -> list[list[tuple[int, ...]]]:
         return [rows_of(data.next_step()) for _ in range(steps)]
     finally:
         data.close()
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str):
+    """Fail with TimeoutError instead of hanging (SIGALRM: the main thread, on Unix)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{what} took more than {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -22,7 +22,11 @@ def is_url(path: str) -> bool:
 def expand(pattern: str) -> list[str]:
     """The files a path or glob names, sorted so that every process sees the same order."""
     if not is_url(pattern):
-        files = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+        try:
+            files = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+        except ValueError:  # UnicodeEncodeError included
+            raise PretrainError(f"data source path {pattern!r} cannot name a file: it holds a NUL character or a "
+                                "lone surrogate; fix the path") from None
     else:
         fs, path = _filesystem(pattern)
         try:
@@ -59,14 +63,57 @@ def open_binary(path: str) -> BinaryIO:
 
 
 def open_decompressed(path: str, compression: str) -> BinaryIO:
-    """A buffered, forward-only binary stream of a .gz or .zst file's content."""
+    """A buffered, forward-only binary stream of a .gz or .zst file's content. Damaged data
+    raises OSError, EOFError (truncated), ValueError or zlib.error while it is read."""
     raw = open_binary(path)
     if compression == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")
-    import zstandard
+    return io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 20)
 
-    reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-    return io.BufferedReader(reader, buffer_size=1 << 20)
+
+class _ZstdReader(io.RawIOBase):
+    """The content of a .zst file, frame after frame. zstandard's stream_reader ends quietly when
+    the file is cut inside a frame (a partial download would lose its tail unnoticed); this one
+    raises EOFError then, as gzip does, and ValueError for data that is not zstd."""
+
+    # Compressed bytes per step: decompressobj returns all the output of its input at once, so
+    # the step bounds memory (text compresses ~10x; only crafted data expands much further).
+    STEP = 1 << 16
+
+    def __init__(self, raw: BinaryIO):
+        import zstandard
+
+        self._raw, self._dctx, self._zstd_error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
+        self._frame = None  # the decompressobj of the frame being read; None between frames
+        self._input = b""  # compressed bytes read but not yet decompressed (the next frame's start)
+        self._output = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._output:
+            data, self._input = self._input or self._raw.read(self.STEP), b""
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("the file ends inside a zstd frame (it is truncated)")
+                return 0
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            try:
+                self._output = memoryview(self._frame.decompress(data))
+            except self._zstd_error as exc:
+                raise ValueError(f"not zstd data: {exc}") from exc
+            if self._frame.eof:
+                self._input, self._frame = self._frame.unused_data, None
+        n = min(len(buffer), len(self._output))
+        buffer[:n] = self._output[:n]
+        self._output = self._output[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def line_number(path: str, offset: int, compression: str | None = None) -> int:

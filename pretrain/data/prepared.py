@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = "pretrain-token-shards"
 VERSION = 1
+# The manifest keys that reading a prepared source relies on, and their JSON types.
+MANIFEST_TYPES = {"text_field": str, "val_fraction": (int, float), "fingerprint": str, "source_bytes": int,
+                  "dtype": str, "train_tokens": int, "val_tokens": int, "tokenizer_sha256": str}
 
 
 def raw_source(cfg: SourceConfig, data: DataConfig) -> TextSource:
@@ -52,14 +55,19 @@ class PreparedSource:
         self.dir, self.name = Path(directory), cfg.name
         try:
             self.manifest = json.loads((self.dir / PREPARED_MANIFEST).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             raise PretrainError(f"data.prepared_dir={data.prepared_dir!r} holds no prepared source {cfg.name!r} "
                                 f"(no readable {self.dir / PREPARED_MANIFEST}); run `pretrain data prepare` "
                                 "with this config first") from None
         m = self.manifest
-        if m.get("format") != FORMAT or m.get("version") != VERSION:
+        if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
             raise PretrainError(f"{self.dir} is not a version-{VERSION} prepared source; re-run `pretrain data "
                                 "prepare --force` with this config")
+        damaged = [key for key, types in MANIFEST_TYPES.items()
+                   if not isinstance(m.get(key), types) or isinstance(m.get(key), bool)]
+        if damaged or m["dtype"] not in ("uint16", "uint32"):
+            raise PretrainError(f"{self.dir / PREPARED_MANIFEST} is damaged (missing or wrong: "
+                                f"{', '.join(damaged or ['dtype'])}); re-run `pretrain data prepare --force`")
         for key, want in (("text_field", cfg.text_field), ("val_fraction", data.val_fraction)):
             if m[key] != want:
                 raise PretrainError(f"the prepared shards in {self.dir} were made with {key}={m[key]!r} but the "
@@ -72,7 +80,19 @@ class PreparedSource:
         """All training tokens, memory-mapped (opened in the process that reads them)."""
         if self.manifest["train_tokens"] == 0:
             return np.empty(0, dtype=self.dtype)
-        return np.memmap(self.dir / "tokens.bin", dtype=self.dtype, mode="r")
+        return self._shard("tokens.bin", self.manifest["train_tokens"])
+
+    def _shard(self, name: str, count: int) -> np.ndarray:
+        path = self.dir / name
+        try:
+            tokens = np.memmap(path, dtype=self.dtype, mode="r")
+        except (OSError, ValueError) as exc:  # missing, empty, or not a whole number of tokens
+            raise PretrainError(f"cannot read the prepared shard {path} ({exc}); re-run `pretrain data prepare "
+                                "--force`") from None
+        if len(tokens) != count:
+            raise PretrainError(f"the prepared shard {path} holds {len(tokens)} tokens but its manifest says "
+                                f"{count} (a partial copy?); copy it again or re-run `pretrain data prepare --force`")
+        return tokens
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         if self.manifest["tokenizer_sha256"] != tokenizer.sha256:
@@ -92,7 +112,7 @@ class PreparedSource:
                                 "changed since they were made; re-run `pretrain data prepare --force`")
 
     def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
-        val = np.memmap(self.dir / "val.bin", dtype=self.dtype, mode="r") if self.manifest["val_tokens"] else []
+        val = self._shard("val.bin", self.manifest["val_tokens"]) if self.manifest["val_tokens"] else []
         return np.asarray(val[:max_tokens], dtype=np.int32)
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import zlib
 from typing import Callable, Iterator
 
 import numpy as np
@@ -185,7 +186,7 @@ class FileSource(TextSource):
             with open_binary(path) as f:
                 parquet = pq.ParquetFile(f)
                 meta, schema = parquet.metadata, parquet.schema_arrow
-        except pa.ArrowException as exc:
+        except (pa.ArrowException, OSError) as exc:  # pyarrow raises OSError for some damage too
             raise PretrainError(f"data source {self.name!r}: {path} is not a readable parquet file ({exc}); "
                                 "replace it or remove it from the source's path") from None
         if field not in schema.names:
@@ -205,7 +206,7 @@ class FileSource(TextSource):
         path = self.files[file]
         kind, compression = self.formats[file]
         if kind == "parquet":
-            yield from self._parquet_documents(file, a, b)
+            yield from self._parquet_documents(file, a, b, errors)
             return
         if compression:
             records = self._compressed_records(path, kind, compression, part=a, parts=b, errors=errors)
@@ -227,7 +228,7 @@ class FileSource(TextSource):
                     if index % parts == part:
                         yield offset, raw
                     index += 1
-        except (OSError, EOFError, ValueError) as exc:  # gzip/zstd errors of a truncated or corrupt file
+        except (OSError, EOFError, ValueError, zlib.error) as exc:  # a truncated or corrupt file
             if part and errors.policy == "skip":
                 return  # every part meets the damage; part 0 counts it once
             errors.report(lambda: path, f"corrupt or truncated {compression} data after byte {offset} of its "
@@ -251,7 +252,10 @@ class FileSource(TextSource):
         try:
             record = json.loads(text)
         except ValueError as exc:
-            errors.report(where, f"not valid JSON ({exc})")
+            errors.report(where, f"not valid JSON ({exc}); each line must be one JSON object (JSON Lines)")
+            return None
+        except RecursionError:
+            errors.report(where, "JSON nested too deeply to read (hundreds of levels)")
             return None
         return self._text_field(record, where, errors)
 
@@ -261,27 +265,42 @@ class FileSource(TextSource):
             errors.report(where, f"a JSON {type(record).__name__}, not an object with a {field!r} field")
             return None
         if field not in record:
-            errors.report(where, f"no field {field!r} (fields: {', '.join(record)}); set text_field in its "
-                          "data.sources entry")
+            fields = ", ".join(list(record)[:20]) + (", ..." if len(record) > 20 else "")
+            errors.report(where, f"no field {field!r} (fields: {fields}); set text_field in its data.sources entry")
             return None
         text = record[field]
-        if text is None or isinstance(text, str):
-            return text
-        errors.report(where, f"field {field!r} is a {type(text).__name__}, not text")
-        return None
+        if text is None:
+            return None
+        if not isinstance(text, str):
+            errors.report(where, f"field {field!r} is a {type(text).__name__}, not text")
+            return None
+        try:  # JSON's \ud800 escapes can make lone surrogates, which no tokenizer takes
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            errors.report(where, f"field {field!r} holds the lone surrogate {text[exc.start]!r} (a \\u escape "
+                          "that is not half of a pair), which is not Unicode text")
+            return None
+        return text
 
-    def _parquet_documents(self, file: int, a: int, b: int) -> Iterator[str]:
+    def _parquet_documents(self, file: int, a: int, b: int, errors: RecordErrors) -> Iterator[str]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        starts = self._parquet_rows[file]
-        with open_binary(self.files[file]) as f:
+        path, starts = self.files[file], self._parquet_rows[file]
+        with open_binary(path) as f:
             parquet = pq.ParquetFile(f)
             for g in range(len(starts) - 1):
                 lo, hi = max(a, starts[g]), min(b, starts[g + 1])
                 if lo >= hi:
                     continue
-                column = parquet.read_row_group(g, columns=[self.cfg.text_field]).column(0)
-                for text in column.slice(lo - starts[g], hi - lo).to_pylist():
+                try:
+                    column = parquet.read_row_group(g, columns=[self.cfg.text_field]).column(0)
+                    texts = column.slice(lo - starts[g], hi - lo).to_pylist()
+                except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # damaged pages, not UTF-8
+                    where = f"{path} row group {g} (rows {starts[g]}-{starts[g + 1] - 1})"
+                    errors.report(lambda where=where: where, f"damaged data that cannot be read ({exc})")
+                    continue
+                for text in texts:
                     if text and text.strip():
                         yield text
 
@@ -297,6 +316,9 @@ def file_format(path: str, source_name: str) -> tuple[str, str | None]:
 def _records_in_range(path: str, kind: str, start: int, end: int) -> Iterator[tuple[int, bytes]]:
     """(byte offset, raw record) of the records that start in [start, end) of an uncompressed file."""
     with open_binary(path) as f:
+        start = _first_line_start(f, start, end)
+        if start >= end:
+            return  # the range lies inside a line that started before it
         if kind == "jsonl":
             yield from _lines(f, start, end)
             return
@@ -322,6 +344,8 @@ def _txt_documents(f, start: int, end: float, previous_blank: bool) -> Iterator[
     lines: list[bytes] = []
     doc_start = position
     while True:
+        if not lines and position >= end:
+            return  # no document of ours is open and any later one starts after the range
         line = f.readline()
         if not line:
             break
@@ -342,14 +366,25 @@ def _txt_documents(f, start: int, end: float, previous_blank: bool) -> Iterator[
         yield doc_start, b"".join(lines)
 
 
-def _first_line_start(f, start: int) -> int:
-    """Seek to the first line that starts at or after byte `start`; return its offset."""
+def _first_line_start(f, start: int, end: float = math.inf) -> int:
+    """Seek to the first line that starts at or after byte `start`; return its offset. The
+    search stops at `end` (returning an offset >= end): a range inside one very long line then
+    costs its own bytes, not a read to the line's end (quadratic over a one-line file)."""
     if start <= 0:  # a freshly opened file is already there
         return 0
-    f.seek(start - 1)
-    if f.read(1) == b"\n":
-        return start
-    return start + len(f.readline())
+    position = start - 1
+    f.seek(position)
+    while position < end:
+        block = f.read(int(min(1 << 16, end - position)))
+        if not block:
+            return position  # end of file
+        newline = block.find(b"\n")
+        if newline >= 0:
+            position += newline + 1
+            f.seek(position)
+            return position
+        position += len(block)
+    return position
 
 
 def _line_before_is_blank(f, start: int) -> bool:
