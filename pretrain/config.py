@@ -105,6 +105,9 @@ class TrainConfig:
         "auto", "bf16 autocast with fp32 master weights, or fp32; auto = bf16 where the hardware has it"
     )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available")
+    compile: Literal["auto", True, False] = option(
+        "auto", "torch.compile each transformer block; auto = on GPUs (with triton), and on CPUs (with a C++ "
+                "compiler) for runs expected to compute for 10 minutes or more, which earn back the compile time")
     on_nonfinite: Literal["skip", "stop", "rollback"] = option(
         "rollback", "a step whose loss or gradient norm is NaN/inf (checked on every step, decided by all ranks "
                     "together): skip its update; stop with an error; or reload the newest checkpoint and skip the data "
@@ -155,7 +158,7 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = option(
         "none", "recompute block activations in backward: full = every block, selective = every ac_every-th")
     ac_every: int = option(2, "selective activation checkpointing: checkpoint every N-th transformer block")
-    compile: bool = option(False, "torch.compile each transformer block")
+    compile: bool = option(False, "true = train.compile: true (the key's older place, kept for existing configs)")
     timeout_s: float = option(600.0, "a collective that waits longer than this fails the job with an error "
                                      "naming the rank (instead of hanging)")
 

@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pretrain.checkpoint import CheckpointManager
 from pretrain.checkpoint_layout import complete_checkpoints
 from pretrain.config import Config, ParallelConfig, config_to_yaml, grad_accum_steps, save_config
-from pretrain.data import IGNORE_INDEX, TrainData, load_or_train_tokenizer, open_sources, validation_sets
+from pretrain.data import TrainData, load_or_train_tokenizer, open_sources, validation_sets
 from pretrain.errors import PREEMPTED_EXIT_CODE, CorruptCheckpoint, PretrainError
 from pretrain.eval_hooks import HookRunner
 from pretrain.evaluation import validation_metrics
@@ -217,8 +216,7 @@ class Trainer:
             if document_ids is not None:
                 document_ids = document_ids.to(self.device, non_blocking=True)
             with self.engine.autocast():
-                logits = self.model(inputs, document_ids)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+                loss = self.model(inputs, document_ids, labels=labels)
             loss = self.faults.corrupt_loss(step, loss)
             # Every micro-batch holds the same number of tokens, so the mean of means is the mean.
             self.engine.backward(loss / self.grad_accum)

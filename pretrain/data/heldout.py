@@ -11,11 +11,10 @@ from pretrain.config import Config
 from pretrain.data.loader import open_sources
 from pretrain.data.packing import cut_windows
 from pretrain.errors import PretrainError
+from pretrain.models.transformer import IGNORE_INDEX
 from tokenizer import Tokenizer
 
 log = logging.getLogger("pretrain")
-
-IGNORE_INDEX = -100  # labels with this value add nothing to the loss (F.cross_entropy default)
 
 
 def validation_sets(cfg: Config, tokenizer: Tokenizer, max_batches: int, rank: int = 0, world_size: int = 1,

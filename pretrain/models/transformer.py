@@ -6,7 +6,10 @@ import torch
 from torch import nn
 
 from pretrain.models.args import ModelArgs
+from pretrain.models.fused_loss import linear_cross_entropy
 from pretrain.models.layers import TransformerBlock, init_normal, rope_tables
+
+IGNORE_INDEX = -100  # labels with this value add nothing to the loss (F.cross_entropy's default)
 
 
 class Transformer(nn.Module):
@@ -23,7 +26,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.d_model)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = nn.RMSNorm(args.d_model, eps=args.norm_eps)
-        self.output = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        self.output = OutputHead(args.d_model, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Derived from the shape, so not saved in checkpoints.
@@ -44,8 +47,11 @@ class Transformer(nn.Module):
             if not args.tie_embeddings:
                 init_normal(self.output.weight, args.init_std)
 
-    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of shape (batch, seq, vocab) for `tokens` of shape (batch, seq).
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of shape (batch, seq, vocab) for `tokens` of shape (batch, seq); given `labels`
+        (batch, seq), the mean cross-entropy over the labels that are not IGNORE_INDEX instead,
+        computed without materialising the logits (fused_loss.py).
 
         With `document_ids` (batch, seq), the index of each token's document within its row, a
         token attends only to earlier tokens of its own document (packed documents stay apart)."""
@@ -58,4 +64,14 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
-        return self.output(self.norm(x))
+        return self.output(self.norm(x), labels)
+
+
+class OutputHead(nn.Linear):
+    """The vocabulary projection. The loss is computed inside its forward, so that every backend
+    that gathers a module's parameters around its forward (FSDP, ZeRO-3) has the weight there."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, labels, IGNORE_INDEX)

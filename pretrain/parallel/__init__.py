@@ -16,7 +16,7 @@ from pretrain.checkpoint_layout import check_shapes
 from pretrain.config import Config
 from pretrain.optim import build_optimizer
 from pretrain.parallel.activation import apply_activation_checkpointing
-from pretrain.parallel.compile import apply_compile
+from pretrain.parallel.compile import apply_compile, compile_decision
 from pretrain.parallel.ddp import apply_ddp
 from pretrain.parallel.distributed import (
     DistInfo,
@@ -49,7 +49,10 @@ def build_engine(model: nn.Module, cfg: Config, dist: DistInfo, precision: str,
     name), and pair it with its optimizer."""
     p, bf16 = cfg.parallel, precision == "bf16"
     apply_activation_checkpointing(model.layers, p.activation_checkpointing, p.ac_every)
-    if p.compile:
+    compile_blocks, why = compile_decision(cfg, dist.device, precision, dist.world_size)
+    if dist.is_main:
+        log.info("compile %s (%s)", "on" if compile_blocks else "off", why)
+    if compile_blocks:
         apply_compile(model.layers)
     if p.backend == "fsdp":
         mesh = build_mesh(dist.device, *p.mesh_shape(dist.world_size))

@@ -3,14 +3,51 @@ serves all of them, and FSDP can still gather parameters block by block."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import shutil
 
+import torch
 from torch import nn
 
+from pretrain.config import Config
+from pretrain.hardware import measure_matmul_flops
+from pretrain.models import flops_per_token
+
 log = logging.getLogger(__name__)
+
+# Compiling costs about a minute on a small CPU (less on a GPU host) and gains 5-15% per step
+# (benchmarks/README.md): under `auto` a run must be expected to train at least this long.
+AUTO_COMPILE_MIN_SECONDS = 600.0
 
 
 def apply_compile(layers: nn.ModuleList) -> None:
     for layer in layers:
         layer.compile()  # in place: the module and its parameter names stay the same
     log.info("torch.compile applied to %d transformer blocks", len(layers))
+
+
+def compile_decision(cfg: Config, device: torch.device, precision: str, world_size: int) -> tuple[bool, str]:
+    """Whether to compile the blocks, and why (logged): train.compile, the older
+    parallel.compile, or under `auto` whether a compiler for the device is installed and the
+    run is long enough to earn back the compile time."""
+    if cfg.parallel.compile:
+        return True, "parallel.compile=true"
+    if cfg.train.compile != "auto":
+        return cfg.train.compile, f"train.compile={str(cfg.train.compile).lower()}"
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return False, "train.compile=auto: triton is not installed"
+        return True, "train.compile=auto on a GPU"
+    if device.type != "cpu":
+        return False, f"train.compile=auto: not tried on {device.type}"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        return False, "train.compile=auto: no C++ compiler for TorchInductor on this CPU (install g++)"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    step_flops = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch_tokens / world_size
+    seconds = cfg.train.max_steps * step_flops / measure_matmul_flops(device, dtype, size=1024, seconds=0.1)
+    if seconds < AUTO_COMPILE_MIN_SECONDS:
+        return False, (f"train.compile=auto: the run needs about {seconds / 60:.0f} min of compute, too short to "
+                       "earn back the compile time")
+    return True, f"train.compile=auto: a run of about {seconds / 60:.0f} min of compute on the CPU"

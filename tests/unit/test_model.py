@@ -159,3 +159,20 @@ def test_bf16_autocast_forward_and_backward():
     assert logits.dtype == torch.bfloat16
     F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("seq", [5, 128, 300])
+def test_blocked_causal_attention_equals_sdpa(seq):
+    from pretrain.models.layers import blocked_causal_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, seq, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, seq, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(2, 6, seq, 8, dtype=torch.float64)
+    results = []
+    for attend in (blocked_causal_attention,
+                   lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)):
+        out = attend(q, k, v)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,84 @@
+"""Output projection and cross-entropy in one pass over row chunks, never holding the logits of
+the whole batch.
+
+The textbook head writes (tokens x vocab) logits, upcasts them, log-softmaxes them, and in
+backward writes their gradient twice more: with a 32000-word vocabulary that is the largest
+tensor of a small model's step and several full passes over memory. Here each chunk of rows
+gets its logits, its loss and at once its logits' gradient (softmax minus one-hot, exact
+because the loss is the last operation), which is multiplied into the gradients of the hidden
+states and of the weight before the next chunk reuses the buffer. Backward then only scales
+what forward stored. The same idea as Liger Kernel's fused linear cross-entropy and litgpt's
+chunked cross-entropy, in plain PyTorch so that it runs on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk: the logits of 1024 rows of a 32000-word vocabulary are 131 MB in fp32; fewer
+# rows shrink that but make the weight-gradient matmuls thinner (benchmarks/README.md).
+DEFAULT_CHUNK_ROWS = 1024
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = -100, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """`F.cross_entropy(hidden @ weight.T, labels, ignore_index=ignore_index)` (mean over the
+    labels that are not ignored), computed chunk by chunk.
+
+    Under autocast the matmuls run in the autocast dtype, as an autocast nn.Linear's would; the
+    softmax and the loss are always fp32, and the weight gradient is accumulated in fp32."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index, chunk_rows,
+                                     compute_dtype, needs_grad)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, compute_dtype, needs_grad):
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(compute_dtype)
+            w = weight.to(compute_dtype)
+            softmax_dtype = torch.promote_types(compute_dtype, torch.float32)
+            valid = labels != ignore_index
+            n_valid = valid.sum()
+            # Per-row factor of the gradient of the mean: 1/n for counted rows, 0 for ignored ones.
+            row_scale = valid.to(softmax_dtype) / n_valid
+            targets = torch.where(valid, labels, 0)
+            loss_sum = torch.zeros((), dtype=softmax_dtype, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden) if needs_grad else None
+            grad_weight = torch.zeros(weight.shape, dtype=softmax_dtype, device=weight.device) if needs_grad else None
+            for start in range(0, h.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                log_probs = torch.log_softmax((h[rows] @ w.T).to(softmax_dtype), dim=-1)
+                loss_sum -= (log_probs.gather(1, targets[rows, None]).squeeze(1) * valid[rows]).sum()
+                if not needs_grad:
+                    continue
+                # d loss / d logits = (softmax - onehot) * row_scale, built in the log-probs' buffer;
+                # row_scale multiplies the thin operands of the two matmuls instead of this wide one.
+                grad_logits = log_probs.exp_()
+                grad_logits.scatter_add_(1, targets[rows, None], torch.full_like(grad_logits[:, :1], -1.0))
+                grad_logits = grad_logits.to(compute_dtype)
+                scale = row_scale[rows, None]
+                grad_hidden[rows] = (grad_logits @ w) * scale
+                scaled_h = (h[rows] * scale).to(compute_dtype)
+                if compute_dtype == softmax_dtype:
+                    grad_weight.addmm_(grad_logits.T, scaled_h)
+                else:
+                    grad_weight += grad_logits.T @ scaled_h
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum / n_valid
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # The loss is usually scaled (1 / gradient-accumulation steps) before backward.
+        return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)),
+                grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None, None)
