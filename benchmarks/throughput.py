@@ -14,6 +14,13 @@ shared machine; the ratio, taken back to back, does not.
     python benchmarks/throughput.py                         # peer shape (../shared/peers), auto precision
     python benchmarks/throughput.py --precision fp32 --shape demo
     python benchmarks/throughput.py --shape 125m --steps 3 --warmup 1
+    torchrun --nproc_per_node 2 benchmarks/throughput.py --backend fsdp --threads 1   # per-process tok/s
+    torchrun --nproc_per_node 2 benchmarks/throughput.py --backend deepspeed --parallel.zero_stage=3 --threads 1
+
+Other arguments of the form --section.key=value are config overrides for pretrain's run.
+
+Under torchrun every rank runs both loops (the reference in each process on its own), so the
+ratio is a sharded step against a single-process step with the same cores and memory traffic.
 
 The last line is `tokens_per_s=... ratio_vs_reference=... mfu=... peak_rss_mb=...` for pretrain.
 """
@@ -21,14 +28,18 @@ The last line is `tokens_per_s=... ratio_vs_reference=... mfu=... peak_rss_mb=..
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
+import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +48,7 @@ from pretrain.config import load_config
 from pretrain.hardware import keep_freed_memory, measure_matmul_flops, resolve_precision
 from pretrain.log_setup import setup_logging
 from pretrain.models import count_params, flops_per_token
+from pretrain.parallel.compile import missing_compiler
 from pretrain.trainer import Trainer
 from reference_model import ReferenceLlama
 
@@ -63,6 +75,23 @@ class Result:
 
     def tokens_per_s(self, pick=statistics.median) -> float:
         return self.tokens_per_step / pick(self.seconds)
+
+
+@contextlib.contextmanager
+def shared_temporary_dir(world_size: int, rank: int) -> Iterator[str]:
+    """A temporary out_dir; under torchrun the same one on every rank (the tokenizer is trained by
+    rank 0 and read by the others), removed by rank 0 at the end."""
+    if world_size == 1:
+        with tempfile.TemporaryDirectory() as path:
+            yield path
+        return
+    path = Path(tempfile.gettempdir()) / f"pretrain-throughput-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+    path.mkdir(exist_ok=True)
+    try:
+        yield str(path)
+    finally:
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def timed(step, warmup: int, steps: int) -> list[float]:
@@ -120,31 +149,37 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="peer", help="model and batch shape (default: peer)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="default: what train.precision=auto picks on this machine")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile the transformer blocks (both loops)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the transformer blocks (both loops); default: what train.compile=auto "
+                             "picks for a long run, i.e. on where TorchInductor has a compiler")
     parser.add_argument("--backend", default="none", help="pretrain's parallel.backend (one process: none)")
     parser.add_argument("--activation-checkpointing", choices=["none", "selective", "full"], default="none",
                         help="pretrain's parallel.activation_checkpointing")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    if any(not arg.startswith("--") or "." not in arg.split("=")[0] for arg in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)} (config overrides look like --section.key=value)")
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     setup_logging()
     precision = args.precision or resolve_precision("auto", torch.device("cpu"))
+    if args.compile is None:
+        args.compile = missing_compiler(torch.device("cpu")) is None
     matmul_peak = measure_matmul_flops(torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32,
                                        seconds=1.0)
 
     config, shape = SHAPES[args.shape]
-    with tempfile.TemporaryDirectory() as out_dir:
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    with shared_temporary_dir(world_size, rank) as out_dir:
         overrides = [*shape, f"--out_dir={out_dir}", f"--train.precision={precision}", "--train.device=cpu",
                      "--train.global_batch_tokens=null", "--eval.every=0", "--eval.sample_tokens=0",
                      "--logging.every=0", "--checkpoint.every=0", f"--train.max_steps={args.warmup + args.steps}",
                      "--optim.warmup_steps=1", "--logging.peak_flops=1e12", f"--parallel.backend={args.backend}",
                      f"--train.compile={str(args.compile).lower()}",
-                     f"--parallel.activation_checkpointing={args.activation_checkpointing}"]
-        cfg = load_config(str(CONFIGS / config), overrides, world_size=1)
+                     f"--parallel.activation_checkpointing={args.activation_checkpointing}", *extra]
+        cfg = load_config(str(CONFIGS / config), overrides, world_size=world_size)
         tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len
         release_memory()
         trainer = Trainer(cfg)
@@ -155,9 +190,11 @@ def main() -> int:
         reference = Result("reference loop", timed(reference_step(cfg, precision, args.compile), args.warmup,
                                                    args.steps), peak_rss_mb(), tokens_per_step)
 
+    if rank != 0:
+        return 0
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     print(f"\nshape={args.shape} ({count_params(cfg.model) / 1e6:.1f}M parameters, {tokens_per_step} tokens/step), "
-          f"{precision}, compile={args.compile}, backend={args.backend}, activation checkpointing "
+          f"{precision}, compile={args.compile}, backend={args.backend} x {world_size} process(es), activation checkpointing "
           f"{args.activation_checkpointing}, {args.threads} threads; median/min/max of "
           f"{args.steps} steps after {args.warmup} warm-up; measured {precision} matmul peak "
           f"{matmul_peak / 1e9:.0f} GFLOP/s")

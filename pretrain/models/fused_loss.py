@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk: the logits of 1024 rows of a 32000-word vocabulary are 131 MB in fp32; fewer
-# rows shrink that but make the weight-gradient matmuls thinner (benchmarks/README.md).
-DEFAULT_CHUNK_ROWS = 1024
+# Logits per chunk: 2^24 is 64 MB in fp32, 512 rows of a 32000-word vocabulary. Smaller chunks
+# save memory but make the weight-gradient matmuls thinner; 512 to 2048 rows ran equally fast
+# on a CPU (benchmarks/README.md).
+CHUNK_ELEMENTS = 2**24
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = -100, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+                         ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T, labels, ignore_index=ignore_index)` (mean over the
     labels that are not ignored), computed chunk by chunk.
 
@@ -32,6 +33,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    chunk_rows = chunk_rows or max(128, CHUNK_ELEMENTS // weight.shape[0])
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index, chunk_rows,
                                      compute_dtype, needs_grad)

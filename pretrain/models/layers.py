@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models.args import ModelArgs
+from pretrain.models.causal_attention import MAX_SEQ, blocked_causal_attention
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,32 +26,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
-
-
-CAUSAL_BLOCK = 128  # query rows per block of blocked_causal_attention
-
-
-def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention for (batch, heads, seq, head_dim) inputs (fewer key/value heads: GQA),
-    computed one block of query rows at a time against only the keys at or before the block's
-    end, so the masked upper triangle is mostly never computed.
-
-    On CPUs this is ~1.5x faster than the flash kernel of F.scaled_dot_product_attention at
-    training sequence lengths (and 2x compiled: benchmarks/README.md); the scores it holds for
-    backward grow with seq^2, about 5/8 of the full matrix, as the math kernel's do."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    seq, scale = q.shape[2], q.shape[-1] ** -0.5
-    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-    outputs = []
-    for start in range(0, seq, CAUSAL_BLOCK):
-        end = min(start + CAUSAL_BLOCK, seq)
-        scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)).to(softmax_dtype) * scale
-        future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
-        scores[..., start:].masked_fill_(future, float("-inf"))
-        outputs.append(torch.softmax(scores, dim=-1).to(v.dtype) @ v[:, :, :end])
-    return torch.cat(outputs, dim=2)
 
 
 class Attention(nn.Module):
@@ -72,7 +47,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if mask is None and q.device.type == "cpu":
+        if mask is None and q.device.type == "cpu" and seq <= MAX_SEQ:
             out = blocked_causal_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(

@@ -20,12 +20,24 @@ log = logging.getLogger(__name__)
 # Compiling costs about a minute on a small CPU (less on a GPU host) and gains 5-15% per step
 # (benchmarks/README.md): under `auto` a run must be expected to train at least this long.
 AUTO_COMPILE_MIN_SECONDS = 600.0
+CPU_FLOPS_UPPER_BOUND = 2e14  # above any CPU socket's matmul rate (AMX bf16 included)
 
 
 def apply_compile(layers: nn.ModuleList) -> None:
     for layer in layers:
         layer.compile()  # in place: the module and its parameter names stay the same
     log.info("torch.compile applied to %d transformer blocks", len(layers))
+
+
+def missing_compiler(device: torch.device) -> str | None:
+    """Why TorchInductor cannot compile for `device` here, or None if it can."""
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "triton is not installed"
+    if device.type != "cpu":
+        return f"not tried on {device.type}"
+    if any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        return None
+    return "no C++ compiler for TorchInductor on this CPU (install g++)"
 
 
 def compile_decision(cfg: Config, device: torch.device, precision: str, world_size: int) -> tuple[bool, str]:
@@ -36,18 +48,18 @@ def compile_decision(cfg: Config, device: torch.device, precision: str, world_si
         return True, "parallel.compile=true"
     if cfg.train.compile != "auto":
         return cfg.train.compile, f"train.compile={str(cfg.train.compile).lower()}"
+    missing = missing_compiler(device)
+    if missing:
+        return False, f"train.compile=auto: {missing}"
     if device.type == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            return False, "train.compile=auto: triton is not installed"
         return True, "train.compile=auto on a GPU"
-    if device.type != "cpu":
-        return False, f"train.compile=auto: not tried on {device.type}"
-    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
-        return False, "train.compile=auto: no C++ compiler for TorchInductor on this CPU (install g++)"
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    step_flops = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch_tokens / world_size
-    seconds = cfg.train.max_steps * step_flops / measure_matmul_flops(device, dtype, size=1024, seconds=0.1)
+    run_flops = cfg.train.max_steps * flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch_tokens
+    if run_flops / world_size / CPU_FLOPS_UPPER_BOUND < AUTO_COMPILE_MIN_SECONDS:
+        seconds = 0.0  # short on any CPU: no need to measure this one
+    else:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        seconds = run_flops / world_size / measure_matmul_flops(device, dtype, size=1024, seconds=0.1)
     if seconds < AUTO_COMPILE_MIN_SECONDS:
-        return False, (f"train.compile=auto: the run needs about {seconds / 60:.0f} min of compute, too short to "
-                       "earn back the compile time")
+        return False, ("train.compile=auto: the run needs less than 10 minutes of compute, too short to earn back "
+                       "the compile time")
     return True, f"train.compile=auto: a run of about {seconds / 60:.0f} min of compute on the CPU"

@@ -163,7 +163,7 @@ def test_bf16_autocast_forward_and_backward():
 
 @pytest.mark.parametrize("seq", [5, 128, 300])
 def test_blocked_causal_attention_equals_sdpa(seq):
-    from pretrain.models.layers import blocked_causal_attention
+    from pretrain.models.causal_attention import blocked_causal_attention
 
     torch.manual_seed(0)
     q = torch.randn(2, 6, seq, 8, dtype=torch.float64, requires_grad=True)

@@ -75,3 +75,21 @@ def test_compiled_blocks_compute_what_eager_blocks_do(tiny_config):
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_setting_and_auto_decision(tiny_config, monkeypatch):
+    from pretrain.parallel import compile as compile_module
+
+    cpu = torch.device("cpu")
+    assert compile_module.compile_decision(tiny_config(train__compile=True), cpu, "fp32", 1)[0] is True
+    assert compile_module.compile_decision(tiny_config(train__compile=False), cpu, "fp32", 1)[0] is False
+    assert compile_module.compile_decision(tiny_config(parallel__compile=True), cpu, "fp32", 1)[0] is True
+    compile_it, why = compile_module.compile_decision(tiny_config(), cpu, "fp32", 1)  # 20 tiny steps
+    assert not compile_it and "too short" in why
+    monkeypatch.setattr(compile_module, "measure_matmul_flops", lambda *a, **k: 1e9)  # a slow CPU
+    long_run = tiny_config(train__max_steps=10**10)
+    compile_it, why = compile_module.compile_decision(long_run, cpu, "fp32", 1)
+    assert compile_it and "min of compute" in why
+    monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)
+    compile_it, why = compile_module.compile_decision(long_run, cpu, "fp32", 1)
+    assert not compile_it and "no C++ compiler" in why
