@@ -13,6 +13,8 @@ chunked cross-entropy, in plain PyTorch so that it runs on every device.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 # Logits per chunk: 2^24 is 64 MB in fp32, 512 rows of a 32000-word vocabulary. Smaller chunks
@@ -20,9 +22,25 @@ import torch
 # on a CPU (benchmarks/README.md).
 CHUNK_ELEMENTS = 2**24
 
+ChunkKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def softmax_cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor,
+                               valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of the `valid` rows of a chunk of logits, and its gradient with
+    respect to the logits before the mean's scaling (softmax minus one-hot; exact because the
+    loss is the last operation), in the logits' dtype. Compiling it (apply_compile does when
+    the blocks are compiled) fuses these passes over the wide chunk into about two."""
+    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    loss = -(log_probs.gather(1, targets[:, None]).squeeze(1) * valid).sum()
+    grad = log_probs.exp_()
+    grad.scatter_add_(1, targets[:, None], torch.full_like(grad[:, :1], -1.0))
+    return loss, grad.to(logits.dtype)
+
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
+                         ignore_index: int = -100, chunk_rows: int | None = None,
+                         chunk_kernel: ChunkKernel = softmax_cross_entropy_grad) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T, labels, ignore_index=ignore_index)` (mean over the
     labels that are not ignored), computed chunk by chunk.
 
@@ -36,12 +54,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     chunk_rows = chunk_rows or max(128, CHUNK_ELEMENTS // weight.shape[0])
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), ignore_index, chunk_rows,
-                                     compute_dtype, needs_grad)
+                                     compute_dtype, needs_grad, chunk_kernel)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, compute_dtype, needs_grad):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, compute_dtype, needs_grad, chunk_kernel):
         with torch.autocast(hidden.device.type, enabled=False):
             h = hidden.to(compute_dtype)
             w = weight.to(compute_dtype)
@@ -56,15 +74,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=softmax_dtype, device=weight.device) if needs_grad else None
             for start in range(0, h.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                log_probs = torch.log_softmax((h[rows] @ w.T).to(softmax_dtype), dim=-1)
-                loss_sum -= (log_probs.gather(1, targets[rows, None]).squeeze(1) * valid[rows]).sum()
+                logits = h[rows] @ w.T
                 if not needs_grad:
+                    log_probs = torch.log_softmax(logits.to(softmax_dtype), dim=-1)
+                    loss_sum -= (log_probs.gather(1, targets[rows, None]).squeeze(1) * valid[rows]).sum()
                     continue
-                # d loss / d logits = (softmax - onehot) * row_scale, built in the log-probs' buffer;
-                # row_scale multiplies the thin operands of the two matmuls instead of this wide one.
-                grad_logits = log_probs.exp_()
-                grad_logits.scatter_add_(1, targets[rows, None], torch.full_like(grad_logits[:, :1], -1.0))
-                grad_logits = grad_logits.to(compute_dtype)
+                chunk_loss, grad_logits = chunk_kernel(logits, targets[rows], valid[rows])
+                loss_sum += chunk_loss
+                # row_scale multiplies the thin operands of the two matmuls instead of the wide gradient.
                 scale = row_scale[rows, None]
                 grad_hidden[rows] = (grad_logits @ w) * scale
                 scaled_h = (h[rows] * scale).to(compute_dtype)
@@ -83,4 +100,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         # The loss is usually scaled (1 / gradient-accumulation steps) before backward.
         return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)),
-                grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None, None)
+                grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None, None, None)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pretrain.models.args import ModelArgs
-from pretrain.models.fused_loss import linear_cross_entropy
+from pretrain.models.fused_loss import ChunkKernel, linear_cross_entropy, softmax_cross_entropy_grad
 from pretrain.models.layers import TransformerBlock, init_normal, rope_tables
 
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss (F.cross_entropy's default)
@@ -69,9 +69,12 @@ class Transformer(nn.Module):
 
 class OutputHead(nn.Linear):
     """The vocabulary projection. The loss is computed inside its forward, so that every backend
-    that gathers a module's parameters around its forward (FSDP, ZeRO-3) has the weight there."""
+    that gathers a module's parameters around its forward (FSDP, ZeRO-3) has the weight there.
+    `loss_kernel` is the loss's per-chunk elementwise work; apply_compile compiles it."""
+
+    loss_kernel: ChunkKernel = staticmethod(softmax_cross_entropy_grad)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             return super().forward(x)
-        return linear_cross_entropy(x, self.weight, labels, IGNORE_INDEX)
+        return linear_cross_entropy(x, self.weight, labels, IGNORE_INDEX, chunk_kernel=self.loss_kernel)

@@ -53,7 +53,7 @@ def build_engine(model: nn.Module, cfg: Config, dist: DistInfo, precision: str,
     if dist.is_main:
         log.info("compile %s (%s)", "on" if compile_blocks else "off", why)
     if compile_blocks:
-        apply_compile(model.layers)
+        apply_compile(model)
     if p.backend == "fsdp":
         mesh = build_mesh(dist.device, *p.mesh_shape(dist.world_size))
         apply_fsdp(model, mesh, bf16, p.reshard_after_forward, p.cpu_offload)

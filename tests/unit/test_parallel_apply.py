@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.models import Transformer
+from pretrain.models.fused_loss import softmax_cross_entropy_grad
 from pretrain.parallel import DistInfo, build_engine
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -20,8 +21,8 @@ def engine_for(cfg):
 
 
 def loss_and_grads(engine, tokens):
-    logits = engine.model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    """The training path: the fused head-and-loss (its compiled kernel when compiled)."""
+    loss = engine.model(tokens[:, :-1], labels=tokens[:, 1:])
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in engine.model.named_parameters()}
 
@@ -68,10 +69,15 @@ def test_activation_checkpointing_leaves_the_initial_weights_alone(tiny_config):
 def test_compiled_blocks_compute_what_eager_blocks_do(tiny_config):
     tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
     loss, grads = loss_and_grads(engine_for(tiny_config()), tokens)
-    compiled = engine_for(tiny_config(parallel__compile=True))
+    compiled = engine_for(tiny_config(train__compile=True))
     loss_c, grads_c = loss_and_grads(compiled, tokens)
     assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
                for layer in compiled.model.layers)
+    assert compiled.model.output.loss_kernel is not softmax_cross_entropy_grad  # the compiled one
+    with torch.no_grad():
+        logits = compiled.model(tokens[:, :-1])  # the head without the loss
+    torch.testing.assert_close(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()), loss,
+                               rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-6, msg=name)
