@@ -4,9 +4,9 @@ before each block's end, so most of the masked upper triangle is never computed.
 At training sequence lengths this is 1.5-2x faster on CPUs than the flash kernel behind
 F.scaled_dot_product_attention, whose inner matmuls are too small to run near the machine's
 peak (benchmarks/README.md). It keeps each block's probabilities for backward, about 5/8 of the
-(seq x seq) matrix per head, as the math kernel does: a flash-style variant that recomputes them
-in backward saved 15% of peak memory but cost 6% of the step, so longer sequences (above
-MAX_SEQ) go to the flash kernel instead. GPUs always use F.scaled_dot_product_attention.
+(seq x seq) matrix per head, as the math kernel does. A flash-style variant that recomputed them
+in backward cost 6% of the step and did not lower the peak at seq 512; longer sequences (above
+MAX_SEQ) go to the flash kernel instead, whose memory grows linearly. GPUs always use F.scaled_dot_product_attention.
 """
 
 from __future__ import annotations

@@ -25,14 +25,21 @@ CHUNK_ELEMENTS = 2**24
 ChunkKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def log_probs_and_loss(logits: torch.Tensor, targets: torch.Tensor,
+                       valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (fp32 or wider) of a chunk of logits, and the summed cross-entropy of its
+    `valid` rows."""
+    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return log_probs, -(log_probs.gather(1, targets[:, None]).squeeze(1) * valid).sum()
+
+
 def softmax_cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor,
                                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of the `valid` rows of a chunk of logits, and its gradient with
     respect to the logits before the mean's scaling (softmax minus one-hot; exact because the
     loss is the last operation), in the logits' dtype. Compiling it (apply_compile does when
     the blocks are compiled) fuses these passes over the wide chunk into about two."""
-    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    loss = -(log_probs.gather(1, targets[:, None]).squeeze(1) * valid).sum()
+    log_probs, loss = log_probs_and_loss(logits, targets, valid)
     grad = log_probs.exp_()
     grad.scatter_add_(1, targets[:, None], torch.full_like(grad[:, :1], -1.0))
     return loss, grad.to(logits.dtype)
@@ -76,8 +83,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 rows = slice(start, start + chunk_rows)
                 logits = h[rows] @ w.T
                 if not needs_grad:
-                    log_probs = torch.log_softmax(logits.to(softmax_dtype), dim=-1)
-                    loss_sum -= (log_probs.gather(1, targets[rows, None]).squeeze(1) * valid[rows]).sum()
+                    loss_sum += log_probs_and_loss(logits, targets[rows], valid[rows])[1]
                     continue
                 chunk_loss, grad_logits = chunk_kernel(logits, targets[rows], valid[rows])
                 loss_sum += chunk_loss
