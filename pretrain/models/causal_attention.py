@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 BLOCK = 128  # query rows per block
-MAX_SEQ = 2048  # longer sequences: F.scaled_dot_product_attention, whose memory grows linearly
+MAX_SEQ = 1024  # longer sequences: F.scaled_dot_product_attention, whose memory grows linearly
 
 
 def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
