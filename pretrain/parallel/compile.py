@@ -17,8 +17,8 @@ from pretrain.models import flops_per_token
 
 log = logging.getLogger(__name__)
 
-# Compiling costs about a minute on a small CPU (less on a GPU host) and gains 5-15% per step
-# (benchmarks/README.md): under `auto` a run must be expected to train at least this long.
+# Compiling the blocks took about 30 s on 2 CPU cores (empty cache) and gained 5-15% per step
+# (benchmarks/README.md): under `auto` a run must be expected to compute at least this long.
 AUTO_COMPILE_MIN_SECONDS = 600.0
 CPU_FLOPS_UPPER_BOUND = 2e14  # above any CPU socket's matmul rate (AMX bf16 included)
 
