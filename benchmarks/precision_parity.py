@@ -13,7 +13,6 @@ Last line: `bf16_minus_fp32=... noise=... within_noise=yes|no`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import torch
 from pretrain.config import load_config
 from pretrain.hardware import cpu_has_bf16
 from pretrain.log_setup import setup_logging
+from pretrain.report import load_metrics
 from pretrain.trainer import Trainer
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -36,8 +36,7 @@ def val_loss_after(steps: int, precision: str, seed: int, tokenizer_dir: Path) -
                      "--eval.sample_tokens=0", "--checkpoint.every=0", "--logging.progress=false",
                      f"--tokenizer.path={tokenizer_dir / 'tokenizer.model'}"]
         Trainer(load_config(str(DEMO), overrides)).train()
-        records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r["val_loss"] for r in records if "val_loss" in r and r["step"] == steps][-1]
+        return next(r["val_loss"] for r in load_metrics(out_dir).validation if r["step"] == steps)
 
 
 def main() -> int:

@@ -64,12 +64,17 @@ def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Con
         problems.append(f"eval.every={cfg.eval.every} needs held-out data but data.val_fraction=0; "
                         "set data.val_fraction=0.01 or eval.every=0")
     problems += _check_parallel(cfg.parallel, world_size)
+    if cfg.parallel.compile and cfg.train.compile is False:
+        problems.append("parallel.compile=true (the key's older place) contradicts train.compile=false; drop "
+                        "parallel.compile")
     if problems:
         raise ConfigError(problems, source)
     model = cfg.model
     if model.max_seq_len is None:
         model = dataclasses.replace(model, max_seq_len=cfg.data.seq_len)
     train = cfg.train
+    if cfg.parallel.compile:
+        train = dataclasses.replace(train, compile=True)
     if train.global_batch_tokens is None:
         sequences = train.global_batch_sequences or train.micro_batch_size * world_size
         train = dataclasses.replace(train, global_batch_tokens=sequences * cfg.data.seq_len,

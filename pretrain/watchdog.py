@@ -49,7 +49,7 @@ class HangWatchdog:
             return
         self._last, self.activity = time.monotonic(), activity
         # The backstop fires a minute after the watchdog thread should have.
-        faulthandler.dump_traceback_later(self.timeout_s + 60, exit=True, file=_stderr())
+        faulthandler.dump_traceback_later(self.timeout_s + 60, exit=True, file=sys.__stderr__)
 
     def _watch(self) -> None:
         while not self._stop.wait(min(self.timeout_s / 4, 10.0)):
@@ -62,15 +62,11 @@ class HangWatchdog:
                   "stack and exiting with code %d so the job can restart from its last checkpoint. If steps are "
                   "legitimately this slow, raise --train.hang_timeout_s", self.rank, self.activity, waited,
                   self.timeout_s, HUNG_EXIT_CODE)
-        stderr = _stderr()
+        # The process's real stderr: faulthandler writes to a file descriptor, and sys.stderr may
+        # be replaced by an object without one (wandb's console capture, pytest's).
+        stderr = sys.__stderr__
         stderr.write(f"--- rank {self.rank}: Python stacks after {waited:.0f}s in {self.activity} ---\n")
         stderr.flush()
         faulthandler.dump_traceback(file=stderr, all_threads=True)
         stderr.flush()
         os._exit(HUNG_EXIT_CODE)
-
-
-def _stderr():
-    """The process's real stderr: faulthandler writes to a file descriptor, and sys.stderr may be
-    replaced by an object without one (wandb's console capture, pytest's)."""
-    return sys.__stderr__

@@ -323,12 +323,14 @@ def _records_in_range(path: str, kind: str, start: int, end: int) -> Iterator[tu
             yield from _lines(f, start, end)
             return
         previous_blank = start == 0 or _line_before_is_blank(f, start)
+        f.seek(start)
         yield from _txt_documents(f, start, end, previous_blank)
 
 
 def _lines(f, start: int, end: float) -> Iterator[tuple[int, bytes]]:
-    """Lines that start in [start, end): a line cut by `start` belongs to the chunk before."""
-    position = _first_line_start(f, start)
+    """Lines that start in [start, end) of `f`, positioned at `start`, the start of a line (a line
+    cut by a chunk's first byte belongs to the chunk before: _first_line_start)."""
+    position = start
     while position < end:
         line = f.readline()
         if not line:
@@ -338,9 +340,10 @@ def _lines(f, start: int, end: float) -> Iterator[tuple[int, bytes]]:
 
 
 def _txt_documents(f, start: int, end: float, previous_blank: bool) -> Iterator[tuple[int, bytes]]:
-    """Paragraph documents (separated by blank lines) that start in [start, end). A document that
-    started before `start` is skipped; one that starts before `end` is read to its end."""
-    position = _first_line_start(f, start)
+    """Paragraph documents (separated by blank lines) that start in [start, end) of `f`,
+    positioned at `start`, the start of a line. A document that started before `start` is
+    skipped; one that starts before `end` is read to its end."""
+    position = start
     lines: list[bytes] = []
     doc_start = position
     while True:
@@ -388,10 +391,9 @@ def _first_line_start(f, start: int, end: float = math.inf) -> int:
 
 
 def _line_before_is_blank(f, start: int) -> bool:
-    """Whether the line that ends just before the first line starting at or after `start` holds
-    only whitespace (then that line starts a document)."""
-    line_start = _first_line_start(f, start)
-    position = line_start - 1  # the newline that ends the previous line
+    """Whether the line that ends just before `start` (the start of a line) holds only whitespace
+    (then the line at `start` starts a document)."""
+    position = start - 1  # the newline that ends the previous line
     step = 4096
     while position > 0:
         lo = max(0, position - step)

@@ -25,11 +25,14 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     seq, scale = q.shape[2], q.shape[-1] ** -0.5
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+    # Within its diagonal block a query may not see later keys; a shorter last block uses the
+    # top-left corner of the same mask.
+    future = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=q.device).triu(1)
     outputs = []
     for start in range(0, seq, BLOCK):
         end = min(start + BLOCK, seq)
-        scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)).to(softmax_dtype) * scale
-        future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
-        scores[..., start:].masked_fill_(future, float("-inf"))
+        # Scaling the (block x head_dim) queries is cheaper than the (block x end) scores.
+        scores = ((q[:, :, start:end] * scale) @ k[:, :, :end].transpose(-1, -2)).to(softmax_dtype)
+        scores[..., start:].masked_fill_(future[:end - start, :end - start], float("-inf"))
         outputs.append(torch.softmax(scores, dim=-1).to(v.dtype) @ v[:, :, :end])
     return torch.cat(outputs, dim=2)

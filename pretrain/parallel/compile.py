@@ -43,11 +43,9 @@ def missing_compiler(device: torch.device) -> str | None:
 
 
 def compile_decision(cfg: Config, device: torch.device, precision: str, world_size: int) -> tuple[bool, str]:
-    """Whether to compile the blocks, and why (logged): train.compile, the older
-    parallel.compile, or under `auto` whether a compiler for the device is installed and the
-    run is long enough to earn back the compile time."""
-    if cfg.parallel.compile:
-        return True, "parallel.compile=true"
+    """Whether to compile the blocks, and why (logged): train.compile (validate() sets it from
+    the older parallel.compile), or under `auto` whether a compiler for the device is installed
+    and the run is long enough to earn back the compile time."""
     if cfg.train.compile != "auto":
         return cfg.train.compile, f"train.compile={str(cfg.train.compile).lower()}"
     missing = missing_compiler(device)
@@ -55,12 +53,12 @@ def compile_decision(cfg: Config, device: torch.device, precision: str, world_si
         return False, f"train.compile=auto: {missing}"
     if device.type == "cuda":
         return True, "train.compile=auto on a GPU"
-    run_flops = cfg.train.max_steps * flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch_tokens
-    if run_flops / world_size / CPU_FLOPS_UPPER_BOUND < AUTO_COMPILE_MIN_SECONDS:
-        seconds = 0.0  # short on any CPU: no need to measure this one
-    else:
+    rank_flops = (cfg.train.max_steps * flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch_tokens
+                  / world_size)
+    seconds = rank_flops / CPU_FLOPS_UPPER_BOUND  # short even on the fastest CPU: no need to measure
+    if seconds >= AUTO_COMPILE_MIN_SECONDS:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        seconds = run_flops / world_size / measure_matmul_flops(device, dtype, size=1024, seconds=0.1)
+        seconds = rank_flops / measure_matmul_flops(device, dtype, size=1024, seconds=0.1)
     if seconds < AUTO_COMPILE_MIN_SECONDS:
         return False, ("train.compile=auto: the run needs less than 10 minutes of compute, too short to earn back "
                        "the compile time")

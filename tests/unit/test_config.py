@@ -181,6 +181,8 @@ def test_generated_deepspeed_config_follows_ours_and_merges_extra_keys():
                                        "stage3_prefetch_bucket_size": int(0.9 * 256 * 256),
                                        "stage3_param_persistence_threshold": 2560,
                                        "offload_param": {"device": "cpu", "pin_memory": False}}
+    on_gpu = deepspeed_config(cfg, world_size=2, bf16=True, on_gpu=True)["zero_optimization"]
+    assert on_gpu["overlap_comm"] is True and on_gpu["offload_param"]["pin_memory"] is True
 
 
 def test_unreadable_file_and_bad_yaml(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pretrain.errors import ConfigError
 from pretrain.models import Transformer
 from pretrain.models.fused_loss import softmax_cross_entropy_grad
 from pretrain.parallel import DistInfo, build_engine
@@ -90,6 +91,8 @@ def test_compile_setting_and_auto_decision(tiny_config, monkeypatch):
     assert compile_module.compile_decision(tiny_config(train__compile=True), cpu, "fp32", 1)[0] is True
     assert compile_module.compile_decision(tiny_config(train__compile=False), cpu, "fp32", 1)[0] is False
     assert compile_module.compile_decision(tiny_config(parallel__compile=True), cpu, "fp32", 1)[0] is True
+    with pytest.raises(ConfigError, match="contradicts train.compile=false"):
+        tiny_config(parallel__compile=True, train__compile=False)
     compile_it, why = compile_module.compile_decision(tiny_config(), cpu, "fp32", 1)  # 20 tiny steps
     assert not compile_it and "too short" in why
     monkeypatch.setattr(compile_module, "measure_matmul_flops", lambda *a, **k: 1e9)  # a slow CPU
