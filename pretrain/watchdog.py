@@ -8,6 +8,7 @@ import faulthandler
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -62,11 +63,22 @@ class HangWatchdog:
                   "stack and exiting with code %d so the job can restart from its last checkpoint. If steps are "
                   "legitimately this slow, raise --train.hang_timeout_s", self.rank, self.activity, waited,
                   self.timeout_s, HUNG_EXIT_CODE)
-        # The process's real stderr: faulthandler writes to a file descriptor, and sys.stderr may
-        # be replaced by an object without one (wandb's console capture, pytest's).
-        stderr = sys.__stderr__
-        stderr.write(f"--- rank {self.rank}: Python stacks after {waited:.0f}s in {self.activity} ---\n")
-        stderr.flush()
-        faulthandler.dump_traceback(file=stderr, all_threads=True)
-        stderr.flush()
+        # Every stuck rank dumps at about the same moment into the same log, and faulthandler
+        # writes a stack in many small pieces, so the dump goes to a file first and then out in one
+        # write with each line tagged by rank: several ranks' stacks stay readable.
+        with tempfile.TemporaryFile() as dump:
+            faulthandler.dump_traceback(file=dump, all_threads=True)
+            dump.seek(0)
+            stacks = dump.read().decode(errors="replace")
+        tag = f"[rank {self.rank}] "
+        text = f"--- rank {self.rank}: Python stacks after {waited:.0f}s in {self.activity} ---\n"
+        text += "".join(tag + line + "\n" for line in stacks.splitlines())
+        # The process's real stderr: sys.stderr may be replaced by an object without a file
+        # descriptor (wandb's console capture, pytest's).
+        write_fully(sys.__stderr__.fileno(), text.encode())
         os._exit(HUNG_EXIT_CODE)
+
+
+def write_fully(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
