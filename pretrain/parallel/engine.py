@@ -7,7 +7,6 @@ over the optimizer and the checkpoint format, has its own adapter with the same 
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
@@ -70,10 +69,16 @@ class TorchEngine:
     def step(self, max_norm: float, approve: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
         """Clip the global gradient norm (0 = no clipping), step unless approve(norm) is False,
         clear gradients; return the norm before clipping."""
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf, foreach=True)
-        if isinstance(norm, DTensor):  # FSDP: the norm over all shards, replicated on every rank
-            norm = norm.full_tensor()
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        total = nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
+        # FSDP: the norm over all shards, replicated on every rank
+        norm = total.full_tensor() if isinstance(total, DTensor) else total
         if approve is None or approve(norm):
+            # Scaling is a pass over every gradient; clip_grad_norm_ makes it even when the factor
+            # is 1. Reading the norm back here costs no sync that approve (the step guard) has not
+            # already made. The factor is clip_grads_with_norm_'s own, so results are unchanged.
+            if max_norm and max_norm / (float(norm) + 1e-6) < 1:
+                nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm

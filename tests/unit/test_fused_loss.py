@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.models import ModelArgs, Transformer
-from pretrain.models.fused_loss import linear_cross_entropy
+from pretrain.models.fused_loss import CHUNK_ELEMENTS, default_chunk_rows, linear_cross_entropy
 from pretrain.models.transformer import IGNORE_INDEX
 
 
@@ -80,3 +80,10 @@ def test_model_loss_equals_loss_of_its_logits(tie):
     model(tokens, labels=labels).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("vocab_size", [512, 32000, 50257, 128256, 10**6])
+def test_default_chunks_are_multiples_of_64_rows_within_the_logit_budget(vocab_size):
+    rows = default_chunk_rows(vocab_size)
+    assert rows % 64 == 0 and rows >= 64
+    assert rows * vocab_size <= max(CHUNK_ELEMENTS, 64 * vocab_size) < (rows + 64) * vocab_size

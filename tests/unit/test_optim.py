@@ -1,4 +1,4 @@
-"""Learning-rate schedules and optimizer parameter groups."""
+"""Learning-rate schedules, optimizer parameter groups, and the engine's clipped update."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from pretrain.config import OptimConfig
 from pretrain.models import ModelArgs, Transformer
 from pretrain.optim import build_optimizer, build_scheduler, lr_multiplier
+from pretrain.parallel.engine import TorchEngine
 
 
 def test_linear_warmup_then_cosine_to_floor():
@@ -59,3 +60,36 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def gradients_after_engine_step(max_norm: float, approve=None) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """(the update TorchEngine.step applied with SGD at lr 1, i.e. the gradient it used; the raw
+    gradient; the norm it returned)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    model(torch.randn(4, 6)).square().sum().backward()
+    raw = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    engine = TorchEngine(model, torch.optim.SGD(model.parameters(), lr=1.0), torch.device("cpu"), autocast_bf16=False)
+    norm = engine.step(max_norm, approve)
+    assert all(p.grad is None for p in model.parameters())
+    return [b - p.detach() for b, p in zip(before, model.parameters())], raw, float(norm)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e6])
+def test_engine_step_clips_as_clip_grad_norm_does(max_norm):
+    applied, raw, norm = gradients_after_engine_step(max_norm)
+    expected = [g.clone() for g in raw]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in expected]
+    for p, g in zip(params, expected):
+        p.grad = g
+    torch_norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    assert norm == pytest.approx(float(torch_norm)) and norm > 0.5  # the 0.5 case does clip
+    for got, p in zip(applied, params):
+        torch.testing.assert_close(got, p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_engine_step_vetoed_leaves_weights_and_clears_gradients():
+    asked = []
+    applied, _, norm = gradients_after_engine_step(0.5, approve=lambda n: asked.append(float(n)) or False)
+    assert asked == [norm] and all(torch.count_nonzero(update) == 0 for update in applied)
