@@ -66,16 +66,21 @@ class HangWatchdog:
         # Every stuck rank dumps at about the same moment into the same log, and faulthandler
         # writes a stack in many small pieces, so the dump goes to a file first and then out in one
         # write with each line tagged by rank: several ranks' stacks stay readable.
-        with tempfile.TemporaryFile() as dump:
-            faulthandler.dump_traceback(file=dump, all_threads=True)
-            dump.seek(0)
-            stacks = dump.read().decode(errors="replace")
-        tag = f"[rank {self.rank}] "
-        text = f"--- rank {self.rank}: Python stacks after {waited:.0f}s in {self.activity} ---\n"
-        text += "".join(tag + line + "\n" for line in stacks.splitlines())
+        header = f"--- rank {self.rank}: Python stacks after {waited:.0f}s in {self.activity} ---\n"
         # The process's real stderr: sys.stderr may be replaced by an object without a file
         # descriptor (wandb's console capture, pytest's).
-        write_fully(sys.__stderr__.fileno(), text.encode())
+        stderr = sys.__stderr__.fileno()
+        try:
+            with tempfile.TemporaryFile() as dump:
+                faulthandler.dump_traceback(file=dump, all_threads=True)
+                dump.seek(0)
+                stacks = dump.read().decode(errors="replace")
+        except OSError:  # no room for the file: dump straight to stderr rather than not exit
+            write_fully(stderr, header.encode())
+            faulthandler.dump_traceback(file=stderr, all_threads=True)
+        else:
+            tag = f"[rank {self.rank}] "
+            write_fully(stderr, (header + "".join(tag + line + "\n" for line in stacks.splitlines())).encode())
         os._exit(HUNG_EXIT_CODE)
 
 

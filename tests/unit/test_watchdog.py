@@ -11,6 +11,7 @@ from pretrain.watchdog import HUNG_EXIT_CODE
 
 SCRIPT = textwrap.dedent("""
     import time
+    {prelude}
     from pretrain.watchdog import HangWatchdog
 
     def stuck_in_a_collective():
@@ -25,9 +26,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_script(timeout: float, after_loop: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SCRIPT.format(timeout=timeout, after_loop=after_loop)],
-                          capture_output=True, text=True, timeout=120)
+def run_script(timeout: float, after_loop: str, prelude: str = "") -> subprocess.CompletedProcess:
+    script = SCRIPT.format(timeout=timeout, after_loop=after_loop, prelude=prelude)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
 
 
 def test_a_process_that_stops_beating_dumps_tagged_stacks_and_exits():
@@ -46,3 +47,10 @@ def test_a_process_that_keeps_beating_is_left_alone():
     result = run_script(1.0, "pass")
     assert result.returncode == 0 and "finished" in result.stdout, result.stderr
     assert "Python stacks" not in result.stderr
+
+
+def test_without_room_for_the_dump_file_it_still_dumps_and_exits():
+    no_room = "import tempfile; tempfile.TemporaryFile = lambda: (_ for _ in ()).throw(OSError(28, 'No space left'))"
+    result = run_script(1.0, "stuck_in_a_collective()", prelude=no_room)
+    assert result.returncode == HUNG_EXIT_CODE, result.stderr
+    assert "--- rank 3: Python stacks after" in result.stderr and "in stuck_in_a_collective" in result.stderr
