@@ -6,7 +6,8 @@ F.scaled_dot_product_attention, whose inner matmuls are too small to run near th
 peak (benchmarks/README.md). It keeps each block's probabilities for backward, about 5/8 of the
 (seq x seq) matrix per head, as the math kernel does. A flash-style variant that recomputed them
 in backward cost 6% of the step and did not lower the peak at seq 512; longer sequences (above
-MAX_SEQ) go to the flash kernel instead, whose memory grows linearly. GPUs always use F.scaled_dot_product_attention.
+MAX_SEQ) go to the flash kernel instead, whose memory grows linearly. GPUs always use
+F.scaled_dot_product_attention.
 """
 
 from __future__ import annotations
