@@ -36,6 +36,7 @@ from pretrain.config import CheckpointConfig
 from pretrain.errors import CorruptCheckpoint, PretrainError
 from pretrain.faults import FaultInjector
 from pretrain.parallel import DistInfo, Engine, any_rank, barrier, side_group
+from pretrain.safe_load import refusal
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class CheckpointManager:
         """Remove a checkpoint whose writing failed on some rank and stop with the reason."""
         if self.dist.is_main:
             shutil.rmtree(temporary_path(final), ignore_errors=True)
-        reason = str(failure).splitlines()[0][:300] if failure else "it failed on another rank; see that rank's log"
+        reason = failure_reason(failure) if failure else "it failed on another rank; see that rank's log"
         previous = complete_checkpoints(self.root)
         kept = f"the newest complete checkpoint, {previous[-1]}, is intact" if previous else "no earlier checkpoint exists"
         raise PretrainError(f"writing checkpoint {final} failed ({reason}); {kept}. "
@@ -190,7 +191,7 @@ class CheckpointManager:
             rng = torch.load(rng_file, weights_only=True) if same_ranks else None
         except (CheckpointException, RuntimeError, OSError, EOFError, ValueError, KeyError,
                 pickle.UnpicklingError) as exc:
-            raise CorruptCheckpoint(f"{path} could not be read: {str(exc).splitlines()[0][:300]}") from exc
+            raise CorruptCheckpoint(f"{path} could not be read: {failure_reason(exc)}") from exc
         if rng is not None:
             set_rng_state(rng)
         elif self.dist.is_main:
@@ -213,6 +214,19 @@ def check_compatible(path: Path, manifest: dict, engine: Engine) -> None:
         raise PretrainError(f"{path} holds a {written_by!r} checkpoint, which this run's backend cannot read "
                             f"(it reads {engine.checkpoint_format!r}); resume it with {backends}, or start "
                             "over with --checkpoint.resume=false or another out_dir")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a checkpoint read or write failed. DCP wraps each rank's error in a
+    CheckpointException whose text starts with a list of ranks; the first rank's own error is
+    what the user needs (a refused pickle global, a full disk)."""
+    prefix = ""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (exc, _) = next(iter(sorted(exc.failures.items(), key=lambda item: item[0])))
+        prefix = f"on rank {rank}: "
+    if isinstance(exc, pickle.UnpicklingError):
+        return prefix + refusal(exc)
+    return prefix + (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 def recover_interrupted_writes(root: Path) -> None:

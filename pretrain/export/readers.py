@@ -1,13 +1,14 @@
 """Reading a training checkpoint outside training: its manifest, its config, and its weights a
 few tensors at a time, from either checkpoint format (DCP or DeepSpeed).
 
-Nothing here joins a process group or unpickles code: DCP's metadata goes through
-SafeFileSystemReader, DeepSpeed's files are read under weights_only_loads()."""
+Nothing here joins a process group or unpickles code: DCP's files go through
+SafeFileSystemReader and SafeLoadPlanner, DeepSpeed's files are read under weights_only_loads()."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -27,9 +28,9 @@ from pretrain.checkpoint_layout import (
 )
 from pretrain.config import Config
 from pretrain.config_parse import build, load_yaml_text
-from pretrain.errors import ConfigError, PretrainError
+from pretrain.errors import ConfigError, CorruptCheckpoint, PretrainError
 from pretrain.export.names import strip_wrappers
-from pretrain.safe_load import SafeFileSystemReader, weights_only_loads
+from pretrain.safe_load import SafeFileSystemReader, SafeLoadPlanner, refusal, weights_only_loads
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
@@ -114,7 +115,8 @@ class DcpReader:
         with warnings.catch_warnings():  # DCP warns that no process group exists: intended here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             # no_dist: only this process reads, even inside a distributed job (init_from on rank 0)
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(self.path)), no_dist=True)
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(self.path)), planner=SafeLoadPlanner(),
+                     no_dist=True)
         return {n: state[self._keys[n]] for n in names}
 
 
@@ -133,6 +135,10 @@ class DeepSpeedReader:
         with weights_only_loads(), contextlib.redirect_stdout(sys.stderr):
             try:
                 lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DEEPSPEED_DIR, lazy_mode=True)
+            except pickle.UnpicklingError as exc:
+                raise CorruptCheckpoint(f"{ckpt_dir / DEEPSPEED_DIR}: a file holds more than weights "
+                                        f"({refusal(exc)}); the checkpoint is damaged or was not "
+                                        "written by pretrain, and nothing in it was run") from exc
             except (ValueError, FileNotFoundError, RuntimeError) as exc:
                 raise PretrainError(f"{ckpt_dir / DEEPSPEED_DIR}: DeepSpeed cannot read this checkpoint ({exc}); "
                                     "it is damaged or incomplete, use an earlier one") from exc

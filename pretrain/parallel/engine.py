@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from pretrain.checkpoint_layout import check_shapes, dcp_model_shapes
-from pretrain.safe_load import SafeFileSystemReader
+from pretrain.safe_load import SafeFileSystemReader, SafeLoadPlanner
 
 # DCP warns on every save and load without a process group (also from an asynchronous save's
 # thread, which a warnings context in the caller does not cover); one process is intended there.
@@ -101,7 +101,7 @@ class TorchEngine:
         reader = SafeFileSystemReader(str(path))
         check_shapes(model_shapes(self.model), dcp_model_shapes(reader.read_metadata()), str(path))
         state = self._state()
-        dcp.load(state, storage_reader=reader)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from pretrain.export.names import from_hf_name, strip_wrappers, to_hf_name
 from pretrain.export.parity import build_model
 from pretrain.export.shards import parse_size, plan_shards
 from pretrain.export.torch_format import export_torch
+from pretrain.safe_load import weights_only_loads
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
 from tests.distributed.ranks import run_ranks
@@ -139,6 +141,31 @@ def test_sharded_export_has_an_index_and_loads(dcp_runs, tmp_path):
     model = transformers.LlamaForCausalLM.from_pretrained(str(out))
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, weights["layers.1.feed_forward.w2.weight"])
     assert_same_weights(load_weights(out), weights)
+
+
+class RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("two_rank_run", ["zero3"], indirect=True)
+def test_a_deepspeed_checkpoint_that_would_run_code_is_refused(two_rank_run, tmp_path, capsys):
+    """DeepSpeed's readers ask torch for full unpickling; the exporter forces weights-only loads."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(two_rank_run[0], ckpt)
+    marker = tmp_path / "pwned"
+    states = next((ckpt / "deepspeed").glob("*model_states.pt"))
+    with weights_only_loads():
+        state = torch.load(states, weights_only=True)
+    torch.save({**state, "extra": RunsCode(str(marker))}, states)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][str(states.relative_to(ckpt))] = states.stat().st_size
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["export", str(ckpt), "--format", "torch", "--out", str(tmp_path / "out")]) == 1
+    assert "posix.system" in capsys.readouterr().err and not marker.exists()
 
 
 def test_two_rank_checkpoint_exports_the_runs_weights(two_rank_run, tmp_path):
