@@ -12,7 +12,7 @@ from pretrain.atomic_dir import write_file
 from pretrain.config import Config, load_config
 from pretrain.errors import PretrainError
 from pretrain.scaling.memory import GIB
-from pretrain.scaling.planner import Plan
+from pretrain.scaling.planner import Plan, count
 from pretrain.scaling.shapes import shape_summary
 
 # A plan's config shrunk to a model and batch that train in seconds on a CPU: what the planner
@@ -23,21 +23,14 @@ SMOKE_OVERRIDES = ("--train.max_steps=2 --model.n_layers=2 --model.d_model=64 --
                    "--tokenizer.vocab_size=1000 --train.device=cpu")
 
 
-def count(value: float) -> str:
-    """1.23B, 45.6M, 7.0T: a count at a glance."""
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.3g}{unit}"
-    return f"{value:.3g}"
-
-
 def plan_rows(plan: Plan) -> list[tuple[str, str]]:
     shape = plan.shape
     rows = [
         ("budget", plan.budget_note),
         ("law", f"{plan.law.name} ({plan.law.source})"),
         ("shape", f"{shape_summary(shape)} vocab {shape.vocab_size}, seq {plan.seq_len}"),
-        ("parameters", count(plan.params)),
+        ("parameters", count(plan.params) + (f" CAPPED: {plan.cap_ratio:.1f}x below the {count(plan.target_params)} "
+                                              "asked for (see the warning below)" if plan.capped else "")),
         ("tokens", f"{count(plan.tokens)} ({plan.tokens / plan.params:.1f} per parameter)"),
         ("training FLOPs", f"{plan.flops:.3g}"),
         ("global batch", f"{count(plan.global_batch_tokens)} tokens = {plan.global_batch_tokens // plan.seq_len} "
@@ -99,6 +92,7 @@ def plan_json(plan: Plan) -> dict:
                                 "fits": f.fits, "activation_checkpointing": f.checkpointing,
                                 "micro_batch_size": f.micro_batch} for f in plan.layouts},
         "warnings": plan.warnings,
+        "target_params": plan.target_params, "capped": plan.capped,
     }
 
 

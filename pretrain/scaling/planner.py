@@ -2,7 +2,8 @@
 in; a model shape, token count, batch size, learning rate, parallel layout and schedule out.
 
 The order of decisions: model size from the scaling law (compute-optimal, or inference-aware);
-the family's shape nearest that size (scaling/shapes.py); tokens from the budget and that shape's
+the family's shape nearest that size (scaling/shapes.py), or its largest, with a warning that the
+plan is capped, when the law asks for more; tokens from the budget and that shape's
 exact FLOPs per token; batch size and learning rate from DeepSeek LLM's fits at that compute;
 the first parallel layout that fits the GPU's memory (scaling/memory.py); days from the assumed
 MFU; the predicted loss from the law with repeated data discounted (Muennighoff et al.)."""
@@ -26,7 +27,7 @@ from pretrain.scaling.laws import (
     load_law,
 )
 from pretrain.scaling.memory import GIB, TrainingMemory, training_memory
-from pretrain.scaling.shapes import nearby_shapes, shape_for_params
+from pretrain.scaling.shapes import largest_shape, nearby_shapes, shape_for_params
 
 # Layouts in order of preference when several fit: least communication first.
 LAYOUTS = (("ddp", 0), ("fsdp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3))
@@ -36,6 +37,14 @@ MAX_MICRO_BATCH = 16
 RUNTIME_RESERVE_GIB, FRAGMENTATION = 2.0, 0.10
 DEFAULT_MFU = 0.40
 MAX_WARMUP_STEPS = 2000  # DeepSeek LLM's warmup, for which its learning-rate fit holds
+
+
+def count(value: float) -> str:
+    """1.23B, 45.6M, 7.0T: a count at a glance."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.3g}"
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,13 @@ class Plan:
     chosen: LayoutFit | None
     budget_note: str
     warnings: list[str]
+    target_params: float | None = None  # the size the law (or --params) asked for, before the shape rule
+    capped: bool = False  # the law asked for more than the family's largest shape
+
+    @property
+    def cap_ratio(self) -> float:
+        """How many times fewer parameters than asked for the plan has (1.0 when not capped)."""
+        return self.target_params / self.params if self.capped else 1.0
 
     @property
     def micro_batch(self) -> int:
@@ -127,17 +143,7 @@ def make_plan(request: PlanRequest) -> Plan:
     if r.params is not None and r.tokens is not None and budget is not None:
         raise PretrainError("--params and --tokens fix the compute already; drop the budget or one of them")
 
-    if r.params is not None:
-        n_target, note = r.params, "model size given"
-    elif r.tokens is not None and budget is not None:
-        n_target, note = budget / (6 * r.tokens), "token count given, size from the budget"
-    elif r.tokens is not None:
-        n_target, note = law.optimal_params(r.tokens), "compute-optimal size for the token count"
-    elif r.inference_tokens > 0:
-        n_target, _ = inference_aware(law, budget, r.inference_tokens)
-        note = f"inference-aware for {r.inference_tokens:.3g} inference tokens (Sardana & Frankle 2023)"
-    else:
-        n_target, note = law.compute_optimal(budget)[0], "compute-optimal (Chinchilla allocation)"
+    n_target, note, asked = _target_size(r, law, budget)
     seq_len = r.seq_len or (2048 if n_target < 1e9 else 4096)
     shape = shape_for_params(n_target, r.vocab_size, seq_len)
     if budget is not None and r.params is None and r.tokens is None and r.inference_tokens <= 0:
@@ -145,6 +151,10 @@ def make_plan(request: PlanRequest) -> Plan:
         # the best shape of the family can be a neighbour: take the one of least loss.
         shape = min(nearby_shapes(shape), key=lambda s: law.loss(count_params(s), budget / flops_per_token(s, seq_len)))
     n_params = count_params(shape)
+    capped = n_target > count_params(largest_shape(r.vocab_size, seq_len))
+    if capped:  # no longer what its method (e.g. compute-optimal) asked for: the label says so first
+        note = (f"capped at the family's largest shape, {n_target / n_params:.1f}x below the {asked} "
+                f"{count(n_target)}" + ("" if asked == "compute-optimal" else f" ({note})"))
     per_token = flops_per_token(shape, seq_len)
     if r.tokens is not None:
         tokens = r.tokens
@@ -165,7 +175,8 @@ def make_plan(request: PlanRequest) -> Plan:
     flops = float(per_token * tokens)
     warmup = min(MAX_WARMUP_STEPS, max(1, round(0.1 * steps)))
 
-    warnings = []
+    token_budget = budget if r.tokens is None else None  # the budget the tokens were set from, if any
+    warnings = [_cap_warning(n_params, n_target, asked, tokens, token_budget)] if capped else []
     d_eff = _effective_data(tokens, r, warnings)
     layouts = [fit_layout(shape, seq_len, per_gpu, gpus, gpu, b, s) for b, s in LAYOUTS]
     fitting = [f for f in layouts if f.fits]
@@ -181,7 +192,35 @@ def make_plan(request: PlanRequest) -> Plan:
     return Plan(law=law, shape=shape, params=n_params, tokens=tokens, flops=flops, seq_len=seq_len,
                 global_batch_tokens=batch_tokens, steps=steps, lr=deepseek_lr(core_flops), warmup_steps=warmup,
                 predicted_loss=law.loss(n_params, d_eff), effective_tokens=d_eff, gpus=gpus, gpu=gpu, mfu=r.mfu,
-                days=days, cost=cost, layouts=layouts, chosen=chosen, budget_note=note, warnings=warnings)
+                days=days, cost=cost, layouts=layouts, chosen=chosen, budget_note=note, warnings=warnings,
+                target_params=n_target, capped=capped)
+
+
+def _target_size(r: PlanRequest, law: ScalingLaw, budget: float | None) -> tuple[float, str, str]:
+    """(the model size asked for, how it was decided, a word for it: "compute-optimal", ...)."""
+    if r.params is not None:
+        return r.params, "model size given", "requested"
+    if r.tokens is not None and budget is not None:
+        return budget / (6 * r.tokens), "token count given, size from the budget", "budget's"
+    if r.tokens is not None:
+        return law.optimal_params(r.tokens), "compute-optimal size for the token count", "compute-optimal"
+    if r.inference_tokens > 0:
+        n_target, _ = inference_aware(law, budget, r.inference_tokens)
+        note = f"inference-aware for {r.inference_tokens:.3g} inference tokens (Sardana & Frankle 2023)"
+        return n_target, note, "inference-aware"
+    return law.compute_optimal(budget)[0], "compute-optimal (Chinchilla allocation)", "compute-optimal"
+
+
+def _cap_warning(n_params: int, n_target: float, asked: str, tokens: float, budget: float | None) -> str:
+    """Why a plan whose model is the family's largest shape, smaller than asked, is not what was
+    asked: by how much, and (when the budget sets the tokens) where the rest of the budget goes."""
+    text = (f"the model is capped at the family's largest shape, {count(n_params)} parameters, "
+            f"{n_target / n_params:.1f}x below the {asked} {count(n_target)}")
+    if budget is not None:
+        # at the size asked for, C = 6 N D gives D / N = C / (6 N^2) tokens per parameter
+        text += (f"; the remaining budget goes to tokens ({tokens / n_params:.0f} tokens per parameter instead "
+                 f"of ~{budget / (6 * n_target**2):.0f})")
+    return text + "; the shape rule (scaling/shapes.py) ends at d25600 L128, Megatron-LM's 1T GPT shape"
 
 
 def fits_in(memory: TrainingMemory, gpu: GpuSpec) -> bool:

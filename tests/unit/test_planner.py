@@ -14,7 +14,7 @@ from pretrain.scaling.gpus import GPUS
 from pretrain.scaling.laws import BESIROGLU
 from pretrain.scaling.planner import PlanRequest, make_plan
 from pretrain.scaling.presets import PRESET_SIZES, PRESETS_DIR, preset_text
-from pretrain.scaling.shapes import nearby_shapes, shape_for_params, shape_for_width, widths
+from pretrain.scaling.shapes import largest_shape, nearby_shapes, shape_for_params, shape_for_width, widths
 
 
 def test_every_width_of_the_family_is_a_valid_llama_shape_growing_with_width():
@@ -22,11 +22,58 @@ def test_every_width_of_the_family_is_a_valid_llama_shape_growing_with_width():
     for d in widths():
         s = shape_for_width(d)
         assert s.d_model % s.n_heads == 0 and s.n_heads % s.n_kv_heads == 0 and s.ffn_hidden >= 2 * d
-        assert 32 <= d / s.n_layers <= 128 or s.n_layers == 2
+        # past d16384 depth stays at 128 blocks and the ratio rises to 200 (Megatron-LM's 1T GPT)
+        assert 32 <= d / s.n_layers <= 200 or s.n_layers == 2
         sizes.append(count_params(s))
     assert sizes == sorted(sizes)
     llama3_8b = shape_for_width(4096)  # the rule reproduces Llama 3 8B's block (with a 32k vocabulary)
     assert (llama3_8b.n_layers, llama3_8b.n_heads, llama3_8b.n_kv_heads, llama3_8b.ffn_hidden) == (32, 32, 8, 14336)
+
+
+def test_shapes_past_llama3_405b_widen_at_128_blocks_up_to_megatrons_1t_gpt():
+    large = [shape_for_width(d) for d in widths() if d > 16384]
+    assert large and all(s.n_layers == 128 and s.head_dim == 128 and s.n_heads % 8 == 0 and s.n_kv_heads == 8
+                         and s.ffn_hidden % 1024 == 0 for s in large)
+    sizes = [count_params(s) for s in large]
+    assert sizes == sorted(sizes) and sizes[0] > count_params(shape_for_width(16384))
+    top = largest_shape()
+    assert (top.d_model, top.n_layers, top.n_heads) == (25600, 128, 200)  # Narayanan et al. 2021, table 1
+    assert 0.95 < count_params(top) / 1.008e12 < 1.1
+    for target in (5e11, 7e11, 1e12):
+        assert 0.9 < count_params(shape_for_params(target)) / target < 1.1
+
+
+def test_a_budget_beyond_the_largest_shape_says_the_plan_is_capped_in_the_table_and_json(capsys):
+    assert main(["plan", "--flops", "1e27", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    target = BESIROGLU.compute_optimal(1e27)[0]
+    assert plan["params"] == count_params(largest_shape()) and plan["capped"] is True
+    assert plan["target_params"] == pytest.approx(target)
+    per_param, optimal_per_param = plan["tokens"] / plan["params"], 1e27 / (6 * target**2)  # C = 6 N D
+    expected = (f"the model is capped at the family's largest shape, 1.05T parameters, "
+                f"{target / plan['params']:.1f}x below the compute-optimal 3.31T; the remaining budget goes to tokens "
+                f"({per_param:.0f} tokens per parameter instead of ~{optimal_per_param:.0f})")
+    assert "3.1x" in expected and "(147 tokens per parameter instead of ~15)" in expected
+    assert [w for w in plan["warnings"] if w.startswith(expected)] and plan["budget"].startswith("capped")
+
+    assert main(["plan", "--flops", "1e27"]) == 0
+    table = capsys.readouterr().out
+    assert "parameters  1.05T CAPPED: 3.1x below the 3.31T asked for" in table
+    assert f"WARNING: {expected}" in table and "budget  capped at the family's largest shape" in table
+    assert "compute-optimal (Chinchilla" not in table
+
+    asked = make_plan(PlanRequest(params=3e12))  # a size given beyond the family is capped too
+    assert asked.capped and any("2.9x below the requested 3T" in w for w in asked.warnings)
+
+
+@pytest.mark.parametrize("flops", [1e21, 1e26])
+def test_a_budget_the_family_covers_is_not_capped(flops, capsys):
+    assert main(["plan", "--flops", str(flops), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["capped"] is False and not any("capped" in w for w in plan["warnings"])
+    assert plan["budget"].startswith("compute-optimal (Chinchilla allocation)")
+    assert main(["plan", "--flops", str(flops)]) == 0
+    assert "CAPPED" not in capsys.readouterr().out
 
 
 def test_compute_optimal_plan_minimises_the_law_over_neighbouring_shapes_with_exact_flops():
