@@ -8,10 +8,12 @@ import datetime
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Iterator
 from typing import NoReturn
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,17 +29,24 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int | None = None  # ranks on this host (torchrun's LOCAL_WORLD_SIZE); None: unknown
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def single_host(self) -> bool:
+        """Whether every rank of the job runs on this machine."""
+        return self.world_size == 1 or self.local_world_size == self.world_size
 
 
 def dist_info_from_env(device: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    return DistInfo(rank, local_rank, world_size, select_device(device, local_rank))
+    local_world_size = int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None
+    return DistInfo(rank, local_rank, world_size, select_device(device, local_rank), local_world_size)
 
 
 def select_device(requested: str, local_rank: int = 0) -> torch.device:
@@ -59,6 +68,8 @@ def init_process_group(info: DistInfo, timeout_s: float, always: bool = False) -
     if dist.is_initialized() or (info.world_size == 1 and not always):
         return False
     kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)}
+    if info.single_host:
+        bind_to_loopback()
     if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
         kwargs.update(store=dist.HashStore(), rank=0, world_size=1)  # started without torchrun
     elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -73,6 +84,30 @@ def init_process_group(info: DistInfo, timeout_s: float, always: bool = False) -
     else:
         dist.init_process_group("gloo", **kwargs)
     return True
+
+
+def bind_to_loopback() -> None:
+    """Make gloo and NCCL listen on the loopback interface only (unless GLOO_SOCKET_IFNAME /
+    NCCL_SOCKET_IFNAME are set): by default they bind the address the hostname resolves to, which
+    on a cluster node is its network address, so a single-host job would accept connections from
+    the network on an unauthenticated port. Call before any process group is created."""
+    name = loopback_interface()
+    if name is None:
+        return
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(variable, name)
+
+
+def loopback_interface() -> str | None:
+    """The loopback interface's name ("lo" on Linux), or None where it cannot be found."""
+    for _, name in socket.if_nameindex():
+        try:
+            flags = int(Path(f"/sys/class/net/{name}/flags").read_text(), 16)
+        except (OSError, ValueError):
+            flags = 0x8 if name in ("lo", "lo0") else 0  # no sysfs: go by the usual names
+        if flags & 0x8:  # IFF_LOOPBACK
+            return name
+    return None
 
 
 def _attempt_store(timeout: datetime.timedelta) -> dist.Store:

@@ -1,8 +1,10 @@
 """Copied as `sitecustomize.py` into a directory on PYTHONPATH by test_no_network.py, so that every
 Python process of the run (and its children) imports it at startup: each attempt to reach
-another machine is appended to $NO_NETWORK_LOG as a JSON line and fails with ENETUNREACH, as it
-would on a machine without a network. Unix sockets and loopback stay open (multiprocessing,
-wandb's local service, a process group on one host)."""
+another machine, or to listen where another machine could connect (binding a non-loopback or
+the wildcard address), is appended to $NO_NETWORK_LOG as a JSON line and fails (ENETUNREACH,
+EADDRNOTAVAIL), as it would on a machine without a network. Unix sockets and loopback stay open
+(multiprocessing, wandb's local service, a process group on one host). Sockets opened by C++
+(gloo, TCPStore) are not seen here: test_no_network.py lists the run's listening sockets itself."""
 
 import errno
 import ipaddress
@@ -26,11 +28,23 @@ def _is_local(host) -> bool:
     return address.is_loopback or address.is_unspecified  # unspecified: binding to all interfaces
 
 
-def _refuse(call: str, target: object) -> None:
+def _is_loopback(host) -> bool:
+    """Strictly loopback: a socket bound here cannot be reached from another machine."""
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse(call: str, target: object, code: int = errno.ENETUNREACH) -> None:
     with open(_LOG, "a") as log:
         log.write(json.dumps({"pid": os.getpid(), "call": call, "target": repr(target),
                               "stack": traceback.format_stack()[:-2]}) + "\n")
-    raise OSError(errno.ENETUNREACH, f"network blocked by the test: {call}({target!r})")
+    raise OSError(code, f"network blocked by the test: {call}({target!r})")
 
 
 def _guard_address(name: str, address_arg: int) -> None:
@@ -57,6 +71,24 @@ def _guard_host(module, name: str) -> None:
     setattr(module, name, guarded)
 
 
+def _guard_listening() -> None:
+    """bind() to anything but loopback, and listen() on such a socket, are refused."""
+    original_bind, original_listen = socket.socket.bind, socket.socket.listen
+
+    def bind(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            _refuse("bind", address, errno.EADDRNOTAVAIL)
+        return original_bind(self, address)
+
+    def listen(self, *args):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(self.getsockname()[0]):
+            _refuse("listen", self.getsockname(), errno.EADDRNOTAVAIL)
+        return original_listen(self, *args)
+
+    socket.socket.bind, socket.socket.listen = bind, listen
+
+
+_guard_listening()
 _guard_address("connect", 0)
 _guard_address("connect_ex", 0)
 _guard_address("sendto", -1)  # sendto(data, address) or sendto(data, flags, address)
