@@ -47,9 +47,9 @@ def train_tokenizer(
 
     Byte fallback makes every string encodable (CJK, emoji, binary junk); digits are split one
     per token; text is not normalised and whitespace is kept, so decode(encode(text)) == text
-    for every text without U+2581 (LOWER ONE EIGHTH BLOCK): sentencepiece marks spaces with that character inside
-    its pieces, so a U+2581 in the text encodes, and decodes, as a space. Special ids: unk=0,
-    bos=1, eos=2, pad=3."""
+    for every text without U+2581 (LOWER ONE EIGHTH BLOCK): sentencepiece marks spaces with that
+    character inside its pieces, so a U+2581 in the text encodes, and decodes, as a space.
+    Special ids: unk=0, bos=1, eos=2, pad=3."""
     output_path = Path(output_path)
     model = io.BytesIO()
     chars = 0
