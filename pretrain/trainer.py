@@ -37,6 +37,7 @@ from pretrain.parallel import (
 from pretrain.preemption import PreemptionSignals
 from pretrain.preflight import format_report, oom_message, run_preflight
 from pretrain.progress import TrainingProgress, progress_enabled
+from pretrain.run_lock import lock_out_dir
 from pretrain.step_guard import OK, BadBatchLedger, StepGuard, Verdict
 from pretrain.watchdog import HangWatchdog
 
@@ -64,6 +65,8 @@ class Trainer:
         if self.dist.is_main:
             log.info("preflight:\n  %s", "\n  ".join(format_report(preflight)))
         preflight.raise_on_failure()
+        # One run per out_dir, decided before anything is written there; held by rank 0.
+        self.run_lock = lock_out_dir(self.out_dir, self.dist.is_main, any_rank)
         if self.dist.is_main:
             save_config(cfg, cfg.out_dir)
         sources = open_sources(cfg.data)  # lists every file: a missing one fails before any compute
@@ -385,6 +388,8 @@ class Trainer:
         self.hooks.close()  # waits for background hooks: their results belong to this run
         self.train_data.close()
         self.metrics.close()
+        if self.run_lock is not None:
+            self.run_lock.release()  # everything of this run is written
         if self.owns_process_group:
             destroy_process_group()
 
