@@ -122,6 +122,8 @@ class TrainConfig:
     hang_timeout_s: float = option(1800.0, "a training step (with its evaluation and checkpoint) that takes longer "
                                            "than this dumps every thread's Python stack and exits with code 124, "
                                            "instead of hanging until the allocation ends (0 = off)")
+    ignore_memory_check: bool = option(False, "start although preflight's memory estimate per rank exceeds the "
+                                              "device's memory (CPU RAM on a CPU), which otherwise stops the run")
 
 
 @dataclass(frozen=True)

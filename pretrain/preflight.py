@@ -6,10 +6,12 @@ CPU, so it also runs at the start of every training run (with measure=False)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +157,48 @@ def checkpoint_bytes(cfg: Config) -> int:
     return per_param * count_params(cfg.model) + CHECKPOINT_ALLOWANCE
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Create out_dir (with its parents, as training would) and write and remove a small file in
+    it, and in out_dir/checkpoints if that already exists; a PretrainError naming the path and the
+    cause (a read-only mount, no permission, a parent that is a file) when either fails. Writing a
+    file is the test that holds for root too, whom permission bits do not stop."""
+    path = Path(out_dir)
+    for directory in (path, path / "checkpoints"):
+        if directory != path and not os.path.lexists(directory):
+            continue  # training creates it in out_dir, which was just written
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            raise PretrainError(f"out_dir {out_dir} cannot be created: {_cause(directory, exc)}; choose another "
+                                "--out_dir or fix that path") from None
+        try:
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".preflight-") as probe:
+                probe.write(b"preflight")
+                probe.flush()
+        except OSError as exc:
+            raise PretrainError(f"out_dir {out_dir} cannot be written: {_cause(directory, exc)} (creating a file in "
+                                f"{directory}); choose another --out_dir or make it writable (permissions, a "
+                                "read-write mount)") from None
+
+
+def _cause(path: Path, exc: OSError | ValueError) -> str:
+    """Why creating or writing in `path` failed: the file in the way where there is one, else the
+    OS error (with the directory mkdir stopped at, when that is a parent)."""
+    if isinstance(exc, (NotADirectoryError, FileExistsError)):
+        try:
+            blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        except OSError:
+            blocker = None
+        if blocker == path:
+            return f"{path} is a file, not a directory"
+        if blocker is not None:
+            return f"a parent, {blocker}, is a file"
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return str(exc)
+    parent = exc.filename if exc.filename and Path(exc.filename) in path.parents else None
+    return f"[Errno {exc.errno}] {exc.strerror}" + (f" (creating {parent})" if parent else "")
+
+
 def free_disk(out_dir: str) -> tuple[Path, int]:
     """(out_dir or its nearest existing parent, free bytes on that filesystem)."""
     path = Path(out_dir).absolute()
@@ -163,16 +207,24 @@ def free_disk(out_dir: str) -> tuple[Path, int]:
     return path, shutil.disk_usage(path).free
 
 
-def check_free_disk(out_dir: str, needed_bytes: int, what: str = "two checkpoints") -> int:
-    """Free bytes at out_dir; a PretrainError with the numbers and the fixes when fewer than
-    `needed_bytes` (`what` they are for, for the message)."""
+def check_free_disk(out_dir: str, checkpoint_size: int, copies: int = 2) -> int:
+    """Free bytes at out_dir; a PretrainError with the numbers and the fixes when `copies`
+    checkpoints of `checkpoint_size` bytes do not fit. No checkpoint.keep_last helps: the newest
+    checkpoint is deleted only once the next is complete (CheckpointManager.prune), so even
+    keep_last=1 holds two at once while saving every N steps."""
     path, free = free_disk(out_dir)
-    if free < needed_bytes:
-        raise PretrainError(
-            f"out_dir {out_dir} ({path}) has {free / GIB:.2f} GiB free but {what} of this model need "
-            f"{needed_bytes / GIB:.2f} GiB; free space there, choose another --out_dir on a larger disk, or "
-            "keep fewer checkpoints with --checkpoint.keep_last=1")
-    return free
+    needed = copies * checkpoint_size
+    if free >= needed:
+        return free
+    where = f"out_dir {out_dir} ({path}) has {free / GIB:.2f} GiB free"
+    room = (f"choose another --out_dir on a disk with {needed / GIB:.2f} GiB free"
+            + (" (two checkpoints while the next is written)" if copies == 2 else "")
+            + f", or free {(needed - free) / GIB:.2f} GiB there")
+    if free < checkpoint_size:
+        raise PretrainError(f"{where} but one checkpoint of this model needs {checkpoint_size / GIB:.2f} GiB, so no "
+                            f"checkpoint.keep_last helps; {room}")
+    raise PretrainError(f"{where} but two checkpoints of this model need {needed / GIB:.2f} GiB: the newest stays "
+                        f"until the next one is complete, so even --checkpoint.keep_last=1 needs room for two; {room}")
 
 
 def oom_message(cfg: Config, world_size: int, device: torch.device) -> str:
@@ -192,30 +244,177 @@ def _memory_text(m: TrainingMemory, available: float | None) -> str:
             f"{m.activations / GIB:.2f} + bf16 weight copies {m.compute_copies / GIB:.2f})")
 
 
-def memory_fixes(cfg: Config, world_size: int, device: torch.device) -> list[str]:
-    """Each knob not yet turned that lowers the estimate per rank (offloading does not on a CPU),
-    with the estimate it gives."""
-    p, mb = cfg.parallel, cfg.train.micro_batch_size
-    knobs = [("train", "micro_batch_size", mb // 2)] if mb > 1 else []
-    if p.activation_checkpointing != "full":
-        knobs.append(("parallel", "activation_checkpointing", "full"))
+# A knob's setting: config keys set together, e.g. (("parallel.replicate", 1), ("parallel.shard", None)).
+Setting = tuple[tuple[str, object], ...]
+# Where each knob is listed; a setting is named by its first key.
+KNOB_ORDER = ("train.micro_batch_size", "parallel.activation_checkpointing", "parallel.backend", "parallel.replicate",
+              "parallel.zero_stage", "parallel.cpu_offload", "parallel.offload_optimizer")
+UNCHANGED_BATCH = ("train.global_batch_tokens stays the same: gradient accumulation absorbs a smaller "
+                   "micro-batch")
+
+
+@dataclass(frozen=True)
+class MemoryChange:
+    """Knob settings changed together, and the estimate per rank they give."""
+
+    settings: tuple[Setting, ...]
+    total: float
+
+    @property
+    def flags(self) -> str:
+        return " ".join(f"--{key}={_flag_value(value)}" for setting in self.settings for key, value in setting)
+
+
+def _change_line(change: MemoryChange) -> str:
+    return f"  {change.flags:<40} -> {change.total / GIB:.2f} GiB per rank"
+
+
+def _flag_value(value: object) -> str:
+    return "null" if value is None else str(value).lower()
+
+
+def _value(cfg: Config, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _with_settings(cfg: Config, *settings: Setting) -> Config:
+    """cfg with the settings' keys changed (past validate(): the estimate needs no derived value)."""
+    for key, value in (pair for setting in settings for pair in setting):
+        section, name = key.split(".")
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+    return cfg
+
+
+def _memory_knobs(cfg: Config, world_size: int) -> list[list[Setting]]:
+    """Each knob not yet turned, its settings mildest first: a smaller micro-batch that keeps the
+    global batch, activation checkpointing, sharding the model states over the ranks."""
+    p, micro_batch = cfg.parallel, cfg.train.micro_batch_size
+    tokens = cfg.train.global_batch_tokens
+    per_rank = tokens // cfg.data.seq_len // world_size if tokens else micro_batch
+    micro = [(("train.micro_batch_size", m),) for m in range(micro_batch - 1, 0, -1) if per_rank % m == 0]
+    checkpointing = {"none": ["selective", "full"], "selective": ["full"], "full": []}[p.activation_checkpointing]
+    sharding: list[Setting] = []
     if p.backend in ("none", "ddp"):
-        knobs.append(("parallel", "backend", "fsdp"))
-    if p.backend == "deepspeed" and p.zero_stage < 3:
-        knobs.append(("parallel", "zero_stage", 3))
-    if p.backend == "fsdp" and not p.cpu_offload:
-        knobs.append(("parallel", "cpu_offload", True))
-    if p.backend == "deepspeed" and not p.offload_optimizer:
-        knobs.append(("parallel", "offload_optimizer", True))
-    lines = [("to use less memory, change one of these (train.global_batch_tokens stays the same: gradient "
-              "accumulation absorbs a smaller micro-batch):")]
+        sharding = [(("parallel.backend", "fsdp"),)]
+    elif p.backend == "fsdp" and p.mesh_shape(world_size)[0] > 1:  # HSDP: shard over every rank instead
+        sharding = [(("parallel.replicate", 1), ("parallel.shard", None))]
+    elif p.backend == "deepspeed":
+        sharding = [(("parallel.zero_stage", stage),) for stage in range(p.zero_stage + 1, 4)]
+    knobs = [micro, [(("parallel.activation_checkpointing", ac),) for ac in checkpointing], sharding]
+    return [settings for settings in knobs if settings]
+
+
+def _offload_settings(cfg: Config) -> list[Setting]:
+    """Offloading not yet turned on for cfg's backend (it lowers the estimate on a GPU only)."""
+    p = cfg.parallel
+    if p.backend == "fsdp":
+        return [] if p.cpu_offload else [(("parallel.cpu_offload", True),)]
+    if p.backend != "deepspeed":
+        return []
+    optimizer: Setting = () if p.offload_optimizer else (("parallel.offload_optimizer", True),)
+    settings = [optimizer] if optimizer else []
+    if p.zero_stage == 3 and not p.offload_params:
+        settings.append(optimizer + (("parallel.offload_params", True),))
+    return settings
+
+
+def memory_changes(cfg: Config, world_size: int, device: torch.device) -> list[MemoryChange]:
+    """Every combination of the knobs (at most one setting of each), unchanged cfg included,
+    with its estimate per rank; offloading only on a GPU."""
+    changes = []
+    for picks in itertools.product(*[[None, *settings] for settings in _memory_knobs(cfg, world_size)]):
+        chosen = tuple(setting for setting in picks if setting)
+        changed = _with_settings(cfg, *chosen)
+        for offload in [None, *(_offload_settings(changed) if device.type == "cuda" else [])]:
+            settings = (*chosen, offload) if offload else chosen
+            changes.append(MemoryChange(settings, memory_estimate(_with_settings(cfg, *settings), world_size,
+                                                                  device).total))
+    return changes
+
+
+def memory_fixes(cfg: Config, world_size: int, device: torch.device) -> list[str]:
+    """Each knob not yet turned that lowers the estimate per rank, at its strongest setting, with
+    the estimate it gives (offloading only on a GPU: on a CPU it is the same memory)."""
     now = memory_estimate(cfg, world_size, device).total
-    for section, key, value in knobs:
-        changed = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: value})})
-        total = memory_estimate(changed, world_size, device).total
-        if total < now:
-            flag = f"--{section}.{key}={str(value).lower()}"
-            lines.append(f"  {flag:<40} -> {total / GIB:.2f} GiB per rank")
+    strongest: dict[str, MemoryChange] = {}
+    for change in memory_changes(cfg, world_size, device):
+        if len(change.settings) != 1 or change.total >= now:
+            continue
+        knob = change.settings[0][0][0]
+        if knob not in strongest or change.total < strongest[knob].total:
+            strongest[knob] = change
+    return ([f"to use less memory, change one of these ({UNCHANGED_BATCH}):"]
+            + [_change_line(strongest[knob]) for knob in KNOB_ORDER if knob in strongest])
+
+
+def memory_fits(cfg: Config, world_size: int, device: torch.device, available: float) -> list[MemoryChange]:
+    """The smallest changes that bring the estimate per rank within `available` bytes: the fewest
+    knobs, and for each set of knobs its mildest settings that fit (the most memory used, e.g.
+    the largest micro-batch). Empty when no combination fits."""
+    fitting = [c for c in memory_changes(cfg, world_size, device) if c.settings and c.total <= available]
+    fewest = min((len(c.settings) for c in fitting), default=0)
+    mildest: dict[tuple[str, ...], MemoryChange] = {}
+    for change in fitting:
+        knobs = tuple(setting[0][0] for setting in change.settings)
+        if len(knobs) == fewest and (knobs not in mildest or change.total > mildest[knobs].total):
+            mildest[knobs] = change
+    return [mildest[k] for k in sorted(mildest, key=lambda knobs: [KNOB_ORDER.index(key) for key in knobs])]
+
+
+def ranks_to_fit(cfg: Config, world_size: int, device: torch.device,
+                 available: float) -> tuple[int, MemoryChange] | None:
+    """The fewest ranks (dividing the global batch where a count near it does) over which
+    micro-batch 1, full activation checkpointing and every model state sharded (FSDP, or ZeRO-3
+    under DeepSpeed) fit in `available` bytes per rank, and that change with its estimate there.
+    None when no count does: activations and weight copies alone exceed it."""
+    sharded: Setting = ((("parallel.zero_stage", 3),) if cfg.parallel.backend == "deepspeed" else
+                        (("parallel.backend", "fsdp"), ("parallel.replicate", 1), ("parallel.shard", None)))
+    least: Setting = tuple((key, value) for key, value in (("train.micro_batch_size", 1),
+                                                           ("parallel.activation_checkpointing", "full"), *sharded)
+                           if _value(cfg, key) != value)  # only what changes, for the message
+    changed = _with_settings(cfg, least)
+
+    def total(ranks: int) -> float:
+        return memory_estimate(changed, ranks, device).total
+
+    fits, too_few = 2**40, world_size - 1  # the states shrink as 1/ranks: 2**40 ranks hold none of them
+    if total(fits) > available:
+        return None
+    while fits - too_few > 1:  # bisect: total falls as ranks grow
+        middle = (fits + too_few) // 2
+        fits, too_few = (middle, too_few) if total(middle) <= available else (fits, middle)
+    # validate() wants the global batch in sequences divisible by micro-batch (1) x ranks.
+    sequences = (cfg.train.global_batch_tokens or 0) // cfg.data.seq_len
+    ranks = next((n for n in range(fits, min(sequences, 10**6) + 1) if sequences % n == 0), fits)
+    return ranks, MemoryChange((least,), total(ranks))
+
+
+def memory_advice(cfg: Config, world_size: int, device: torch.device, available: float) -> list[str]:
+    """What to say when the estimate exceeds `available` bytes per rank: the smallest changes that
+    fit, each with its estimate; or that none does on this hardware, and what would."""
+    fits = memory_fits(cfg, world_size, device, available)
+    if fits:
+        head = ("it fits with any one of these changes" if len(fits[0].settings) == 1 else
+                "no single change fits; this combination does" if len(fits) == 1 else
+                "no single change fits; each of these combinations does")
+        if any(setting[0][0] == "train.micro_batch_size" for c in fits for setting in c.settings):
+            head += f" ({UNCHANGED_BATCH})"
+        return [head + ":"] + [_change_line(c) for c in fits]
+    least = min(memory_changes(cfg, world_size, device), key=lambda c: (c.total, len(c.settings)))
+    turned = f"with {least.flags}" if least.settings else "as configured (every knob is already turned)"
+    lines = [f"nothing fits in {available / GIB:.2f} GiB per rank on this hardware: the least memory these knobs "
+             f"reach is {least.total / GIB:.2f} GiB per rank, {turned}"]
+    more = ranks_to_fit(cfg, world_size, device, available)
+    if more is None:
+        lines.append("no number of ranks makes it fit (activations and weight copies alone exceed it): train a "
+                     "smaller model (model.d_model, model.n_layers) or shorter sequences (data.seq_len)")
+        return lines
+    ranks, change = more
+    where = (f"e.g. {ranks} machines with this much free memory, one rank each" if device.type == "cpu" else
+             f"{ranks} GPUs of {available / GIB:.0f} GiB")
+    lines.append(f"it would fit sharded over {ranks} ranks ({where}): {change.flags} -> {change.total / GIB:.2f} "
+                 "GiB per rank; or train a smaller model")
     return lines
 
 
@@ -232,19 +431,20 @@ class PreflightReport:
     memory_available: float | None
     checkpoint_bytes: int
     checkpoints_needed: int
-    disk_path: str
-    disk_free: int
+    disk_path: str | None  # None when out_dir cannot be written (free space is then not checked)
+    disk_free: int | None
     warnings: list[str]
     failures: list[str]  # from every rank, the same list on each
 
     def raise_on_failure(self) -> None:
         if self.failures:
-            raise PretrainError("preflight failed:\n" + "\n".join(f"  - {f}" for f in self.failures))
+            raise PretrainError("preflight failed:\n" + "\n".join("  - " + f.replace("\n", "\n    ")
+                                                                   for f in self.failures))
 
 
 def run_preflight(cfg: Config, info: DistInfo, measure: bool = True) -> PreflightReport:
     """Run every check on every rank (call it on all of them); `measure` times the all-reduce and
-    a matmul, the only checks that take noticeable time."""
+    a matmul, the only checks that take noticeable time. A failure on any rank fails every rank."""
     precision = resolve_precision(cfg.train.precision, info.device)
     ranks = check_ranks(info, cfg.parallel.timeout_s, iters=5 if measure else 0)
     measured, peak, peak_source = matmul_flops(cfg, info.device, precision) if measure else (None, None, "")
@@ -252,23 +452,33 @@ def run_preflight(cfg: Config, info: DistInfo, measure: bool = True) -> Prefligh
     available = device_memory_bytes(info.device, info.world_size)
     warnings, failures = [], []
     if available and memory.total > available:
-        warnings.append("\n".join([f"the estimate exceeds the device's memory: {_memory_text(memory, available)}"]
-                                   + memory_fixes(cfg, info.world_size, info.device)))
+        exceeds = f"the estimate exceeds the device's memory: {_memory_text(memory, available)}"
+        advice = memory_advice(cfg, info.world_size, info.device, available)
+        if cfg.train.ignore_memory_check:
+            warnings.append("\n".join([f"{exceeds}; starting anyway (train.ignore_memory_check=true)", *advice]))
+        else:
+            failures.append("\n".join([exceeds, *advice, "to start anyway, at the risk of running out of memory: "
+                                                         "--train.ignore_memory_check=true"]))
     size = checkpoint_bytes(cfg)
     # The newest checkpoint stays until the next one is complete, so a run saving every N steps
     # needs room for two; with checkpoint.every=0 a preemption signal still writes one.
     copies = 2 if cfg.checkpoint.every else 1
-    disk_path, free = free_disk(cfg.out_dir)
+    disk_path, free = None, None
     try:
-        check_free_disk(cfg.out_dir, copies * size, "two checkpoints" if copies == 2 else "one checkpoint")
+        check_out_dir(cfg.out_dir)  # first: free_disk looks at the nearest existing parent
+        disk_path, free = free_disk(cfg.out_dir)
+        check_free_disk(cfg.out_dir, size, copies)
     except PretrainError as exc:
         failures.append(str(exc))
     saves = math.ceil((cfg.train.stop_at or cfg.train.max_steps) / cfg.checkpoint.every) if cfg.checkpoint.every else 0
-    if cfg.checkpoint.keep_last == 0 and saves * size > free >= copies * size:
+    if cfg.checkpoint.keep_last == 0 and free is not None and saves * size > free >= copies * size:
+        keep = free // size - 1  # keep_last=K holds K + 1 while the next one is written
         warnings.append(f"checkpoint.keep_last=0 keeps all {saves} checkpoints of this run ({saves * size / GIB:.2f} "
-                        f"GiB) but {free / GIB:.2f} GiB are free at {disk_path}; set --checkpoint.keep_last")
+                        f"GiB) but {free / GIB:.2f} GiB are free at {disk_path}; set "
+                        f"--checkpoint.keep_last={keep} (the checkpoints kept and the one being written must fit)")
     return PreflightReport(ranks, info.world_size, str(info.device), precision, measured, peak, peak_source, memory,
-                           available, size, copies, str(disk_path), free, warnings, _from_every_rank(failures))
+                           available, size, copies, str(disk_path) if disk_path else None, free, warnings,
+                           _from_every_rank(failures))
 
 
 def _from_every_rank(failures: list[str]) -> list[str]:
@@ -301,7 +511,8 @@ def format_report(report: PreflightReport) -> list[str]:
         rows.append(("matmul", f"{report.matmul_flops / 1e12:.2f} TFLOP/s {report.precision} measured{versus}"))
     rows.append(("memory", _memory_text(m, report.memory_available)))
     needed = report.checkpoints_needed * report.checkpoint_bytes
-    disk = f"{report.disk_free / GIB:.2f} GiB free at {report.disk_path}"
+    disk = (f"{report.disk_free / GIB:.2f} GiB free at {report.disk_path}" if report.disk_free is not None else
+            "free space not checked (out_dir cannot be written)")
     rows.append(("checkpoint", f"{report.checkpoint_bytes / GIB:.2f} GiB each, {report.checkpoints_needed} at once "
                                + f"need {needed / GIB:.2f} GiB; {disk}"))
     rows += [("warning", w) for w in report.warnings] + [("error", f) for f in report.failures]
@@ -318,11 +529,21 @@ def main(config_path: str | None, overrides: list[str]) -> int:
     cfg = load_config(config_path, overrides)
     info = dist_info_from_env(cfg.train.device)
     owns_group = init_process_group(info, cfg.parallel.timeout_s, always=cfg.parallel.backend != "none")
+    out_dir = Path(cfg.out_dir).absolute()
+    try:
+        created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    except OSError:  # e.g. a parent this user may not list: check_out_dir reports it
+        created = []
     try:
         report = run_preflight(cfg, info)
     finally:
         if owns_group:
             destroy_process_group()
+    for directory in created:  # every rank is past the checks: leave no empty out_dir behind
+        try:
+            directory.rmdir()
+        except OSError:  # not empty, or another rank removed it first
+            pass
     if info.is_main:
         print("\n".join(format_report(report)))
     return 1 if report.failures else 0

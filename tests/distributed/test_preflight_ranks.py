@@ -1,9 +1,10 @@
 """Preflight over two gloo ranks: both answer, the all-reduce bandwidth is measured, and a check
-that fails on one rank fails the preflight of every rank."""
+that fails on one rank (a full disk, a read-only out_dir) fails the preflight of every rank."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import time
@@ -37,6 +38,14 @@ def _preflight(rank: int, world_size: int, cfg: Config) -> None:
     with full if rank == 1 else contextlib.nullcontext():
         failures = run_preflight(cfg, info, measure=False).failures
     assert len(failures) == 1 and failures[0].startswith(f"on rank 1: out_dir {cfg.out_dir} "), failures
+
+    # Rank 1's out_dir is on a read-only mount: both ranks stop, naming rank 1 and the cause.
+    read_only = mock.patch("tempfile.NamedTemporaryFile", side_effect=OSError(errno.EROFS, "Read-only file system"))
+    with read_only if rank == 1 else contextlib.nullcontext():
+        failures = run_preflight(cfg, info, measure=False).failures
+    assert failures == [f"on rank 1: out_dir {cfg.out_dir} cannot be written: [Errno 30] Read-only file system "
+                        f"(creating a file in {cfg.out_dir}); choose another --out_dir or make it writable "
+                        "(permissions, a read-write mount)"], failures
 
 
 def test_two_ranks_answer_and_a_failure_on_one_fails_both(tiny_config):

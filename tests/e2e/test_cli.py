@@ -212,3 +212,38 @@ def test_preflight_reports_each_check_and_passes(tmp_path, corpus_file, tokenize
     assert labels == ["ranks", "matmul", "memory", "checkpoint", "result"], result.stdout
     assert "1 of 1 answered" in result.stdout and "TFLOP/s" in result.stdout and result.stdout.rstrip().endswith("ok")
     assert pretrain("preflight", "--help").returncode == 0
+
+
+@pytest.mark.parametrize("command", ["preflight", "train"])
+def test_a_model_too_big_for_this_machine_is_refused_before_training(command, tmp_path):
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.preflight import device_memory_bytes, memory_estimate
+
+    preset = "configs/presets/70b.yaml"
+    needed = memory_estimate(load_config(str(REPO / preset), ["--train.device=cpu"]), 1, torch.device("cpu")).total
+    if (device_memory_bytes(torch.device("cpu")) or 0) >= needed:
+        pytest.skip(f"this machine has the {needed / 2**30:.0f} GiB per rank that the 70B preset needs on a CPU")
+    result = pretrain(command, preset, f"--out_dir={tmp_path / 'run'}", "--train.device=cpu")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "the estimate exceeds the device's memory" in output and "nothing fits in" in output
+    assert "it would fit sharded over" in output and "--train.ignore_memory_check=true" in output
+    assert not (tmp_path / "run" / "tokenizer.model").exists()  # stopped before the tokenizer is trained
+
+
+@pytest.mark.parametrize("command", ["preflight", "train"])
+def test_an_out_dir_that_cannot_be_written_stops_the_run_with_the_path(command, tmp_path, corpus_file,
+                                                                      tokenizer_file):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    # Root ignores permission bits; sysfs takes no new files from anyone.
+    unwritable = Path("/sys/kernel") if os.geteuid() == 0 else tmp_path / "locked"
+    if os.geteuid() != 0:
+        unwritable.mkdir(mode=0o555)
+    for out_dir, cause in [(blocker / "run", f"cannot be created: a parent, {blocker}, is a file"),
+                           (unwritable, "cannot be written: [Errno 13] Permission denied")]:
+        result = pretrain(command, "configs/demo.yaml", *tiny_overrides(out_dir, corpus_file, tokenizer_file))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert f"out_dir {out_dir} {cause}" in result.stdout + result.stderr
