@@ -20,6 +20,7 @@ from pretrain.evaluation import validation_metrics
 from pretrain.faults import FaultInjector
 from pretrain.generate import generate
 from pretrain.hardware import keep_freed_memory, measure_matmul_flops, memory_gib, peak_flops, resolve_precision
+from pretrain.memory_advice import oom_message
 from pretrain.metrics import MetricLogger
 from pretrain.models import Transformer, count_params, flops_per_token
 from pretrain.optim import build_scheduler
@@ -35,7 +36,7 @@ from pretrain.parallel import (
     sum_over_ranks,
 )
 from pretrain.preemption import PreemptionSignals
-from pretrain.preflight import format_report, oom_message, run_preflight
+from pretrain.preflight import format_report, run_preflight
 from pretrain.progress import TrainingProgress, progress_enabled
 from pretrain.run_lock import lock_out_dir
 from pretrain.step_guard import OK, BadBatchLedger, StepGuard, Verdict

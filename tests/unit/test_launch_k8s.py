@@ -15,11 +15,15 @@ import pytest
 import yaml
 
 from pretrain.config import load_config
+from pretrain.run_lock import current_job_id
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "launch" / "kubernetes.yaml"
 SCHEMA = REPO / "tests" / "fixtures" / "pytorchjob.schema.yaml"
 MASTER_ADDR = "pretrain-master-0"  # what the training operator sets: <job name>-master-0
+# The label the training operator puts on every pod of a job, valued with the job's name (JobNameLabel
+# in kubeflow/training-operator's common types).
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 
 
 def load_manifest() -> dict:
@@ -42,6 +46,13 @@ def trainer(manifest: dict, replica: str = "Master") -> dict:
 
 def env_of(container: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def label_env(container: dict) -> dict[str, str]:
+    """Each variable the container takes from a pod label through the downward API -> the label."""
+    paths = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "") for e in container["env"]}
+    return {name: label[1] for name, path in paths.items()
+            if (label := re.fullmatch(r"metadata\.labels\['([^']+)'\]", path))}
 
 
 def undeclared_mounts(manifest: dict) -> list[str]:
@@ -81,7 +92,7 @@ MISTAKES = {
     "typo in a container": lambda m: _rename(trainer(m), "volumeMounts", "volumeMount"),
     "typo in the spec": lambda m: _rename(m["spec"], "pytorchReplicaSpecs", "pytorchReplicaSpec"),
     "unknown replica type": lambda m: _rename(replicas(m), "Worker", "Workers"),
-    "unquoted number in env": lambda m: trainer(m)["env"][0].update(value=2),
+    "unquoted number in env": lambda m: next(e for e in trainer(m)["env"] if "value" in e).update(value=2),
     "unknown restart policy": lambda m: replicas(m)["Master"].update(restartPolicy="OnFail"),
     "volume with two sources": lambda m: m["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"][0]
     .update(emptyDir={}),
@@ -101,16 +112,20 @@ def test_the_schema_names_a_typod_key():
     assert any("'volumeMount' was unexpected" in error for error in schema_errors(manifest))
 
 
-def run_container_command(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+def run_container_command(tmp_path: Path, labels: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """(the arguments the pod's command passes to python, the pod's environment): bash runs the
-    command and args as Kubernetes would, with the variables the training operator adds and a
-    stand-in python that records its arguments."""
-    container = trainer(load_manifest())
+    command and args as Kubernetes would, with the variables the training operator adds, the pod
+    labels it sets (`labels`, default the job-name label; the downward API gives "" for a missing
+    one) and a stand-in python that records its arguments."""
+    manifest = load_manifest()
+    container = trainer(manifest)
+    labels = {JOB_NAME_LABEL: manifest["metadata"]["name"]} if labels is None else labels
     port = next(p["containerPort"] for p in container["ports"] if p["name"] == "pytorchjob-port")
     recorder, argv_file = tmp_path / "python", tmp_path / "argv"
     recorder.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$ARGV_FILE"\n')
     recorder.chmod(0o755)
-    env = {**env_of(container), "MASTER_ADDR": MASTER_ADDR, "MASTER_PORT": str(port)}
+    env = {**env_of(container), **{name: labels.get(label, "") for name, label in label_env(container).items()},
+           "MASTER_ADDR": MASTER_ADDR, "MASTER_PORT": str(port)}
     subprocess.run([*container["command"], *container["args"]], check=True, timeout=60, capture_output=True,
                    env={**env, "PATH": os.environ["PATH"], "PYTHON": str(recorder), "ARGV_FILE": str(argv_file)})
     return argv_file.read_text().split("\0")[:-1], env
@@ -126,6 +141,7 @@ def test_the_pods_run_pretrain_train_through_torchrun(tmp_path):
     assert torchrun.max_restarts == int(env["MAX_RESTARTS"]) > 0
     assert (torchrun.nnodes, torchrun.nproc_per_node) == (env["NNODES"], env["GPUS_PER_NODE"])
     assert torchrun.rdzv_backend == "c10d" and torchrun.rdzv_endpoint == f"{MASTER_ADDR}:{env['MASTER_PORT']}"
+    assert torchrun.rdzv_id == env["PRETRAIN_JOB_ID"] == load_manifest()["metadata"]["name"]
 
     config_path, *overrides = torchrun.training_script_args[1:]
     assert [config_path, *overrides] == trainer(load_manifest())["args"]
@@ -136,6 +152,21 @@ def test_the_pods_run_pretrain_train_through_torchrun(tmp_path):
     config = load_config(str(REPO / config_path), overrides, world_size=world_size)
     assert config.checkpoint.resume and config.checkpoint.resume_from is None and config.checkpoint.every > 0
     assert "persistentVolumeClaim" in volume_at(load_manifest(), config.out_dir), "out_dir is not on the claim"
+
+
+def test_every_pod_takes_the_out_dir_lock_job_id_from_the_job_name_label(tmp_path):
+    """Two PyTorchJobs made from this file get different job ids, so neither takes over the other's
+    out_dir lock, while a restarted pod keeps its job's id and takes over its own (run_lock.py)."""
+    manifest = load_manifest()
+    for name in replicas(manifest):
+        assert label_env(trainer(manifest, name)).get("PRETRAIN_JOB_ID") == JOB_NAME_LABEL, name
+    _, env = run_container_command(tmp_path)
+    assert current_job_id(env) == f"PRETRAIN_JOB_ID={manifest['metadata']['name']}"
+    # Without the label (an operator that does not set it) the pod stops and says so, rather than
+    # sharing an empty job id with every other such job.
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_container_command(tmp_path, labels={})
+    assert JOB_NAME_LABEL in failed.value.stderr.decode()
 
 
 def test_node_and_gpu_counts_agree():

@@ -21,6 +21,7 @@ import yaml
 from pretrain import preflight
 from pretrain.config import Config
 from pretrain.errors import PretrainError
+from pretrain.memory_advice import memory_estimate, memory_fixes, oom_message
 from pretrain.models import count_params
 from pretrain.parallel import DistInfo
 from pretrain.preflight import (
@@ -31,9 +32,6 @@ from pretrain.preflight import (
     check_out_dir,
     checkpoint_bytes,
     format_report,
-    memory_estimate,
-    memory_fixes,
-    oom_message,
     run_preflight,
 )
 from pretrain.scaling.memory import GIB, training_memory
