@@ -4,7 +4,10 @@ launch/torchrun.sh (FSDP, tiny model, CPU), each compared with a fault-free run 
   kill       a rank dies (SIGKILL) at a random step          torchrun restarts the job
   term       a rank gets SIGTERM at a random step            it checkpoints and exits 75; restart
   nan        a rank's loss turns NaN at a random step        rollback to the last checkpoint
-  disk_full  a checkpoint write fails with ENOSPC            error, previous checkpoint kept; restart
+  disk_full  one rank's disk fills half-way through its      every rank stops, previous checkpoint
+             checkpoint shard (ENOSPC)                       kept; restart
+  kill_mid_save  a rank dies (SIGKILL) half-way through       torchrun restarts the job from the
+             writing its checkpoint shard                    previous checkpoint
   corrupt    the newest checkpoint is truncated, then a      the restart falls back to the one before
              rank is killed
 
@@ -39,7 +42,8 @@ from pretrain.export.weights import load_weights
 from pretrain.step_guard import LEDGER
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("kill", "term", "nan", "disk_full", "corrupt")
+KINDS = ("kill", "term", "nan", "disk_full", "kill_mid_save", "corrupt")
+WHILE_SAVING = ("disk_full", "kill_mid_save")  # faults of a checkpoint step's write
 STEPS, EVERY = 16, 4
 JOB = {"model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2,
        "model.ffn_hidden": 128, "data.sources": "[{name: docs, path: python-docs}]", "data.seq_len": 32,
@@ -135,9 +139,9 @@ def inject(kind: str, run: int, rng: random.Random, clean: Path, tokenizer: Path
         corrupt_then_kill(proc, out_dir, at, victim)
         where = f"checkpoint {at}, rank {victim}"
     else:
-        if kind == "disk_full":
+        if kind in WHILE_SAVING:
             step = rng.choice(range(2 * EVERY, STEPS, EVERY))
-        spec = f"{kind}@{step}" + ("" if kind == "disk_full" else f":rank={victim}")
+        spec = f"{kind}@{step}:rank={victim}"
         proc = launch(out_dir, tokenizer, spec)
         where = spec
     code = wait(proc, work / f"{out_dir.name}.log")

@@ -35,7 +35,7 @@ from pretrain.checkpoint_layout import (
 from pretrain.config import CheckpointConfig
 from pretrain.errors import CorruptCheckpoint, PretrainError
 from pretrain.faults import FaultInjector
-from pretrain.parallel import DistInfo, Engine, any_rank, barrier, side_group
+from pretrain.parallel import DistInfo, Engine, barrier, first_failure, side_group
 from pretrain.safe_load import refusal
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,6 @@ class CheckpointManager:
             if self.dist.is_main:
                 temporary_sibling(final)
             barrier()
-            self.faults.checkpoint_writing(step)
             (tmp / RNG_DIR).mkdir(exist_ok=True)
             torch.save(rng_state(), tmp / RNG_DIR / f"rank_{self.dist.rank:05d}.pt")
             if self.dist.is_main:
@@ -97,16 +96,17 @@ class CheckpointManager:
                 shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         except OSError as exc:
             failure = exc
-        if any_rank(failure is not None):  # all ranks give up together, before the engine's collectives
-            self._abandon(final, failure)
+        self._stop_if_any_rank_failed(final, failure)  # all together, before the engine's collectives
+        wrap_file = self.faults.checkpoint_file_fault(step)
         if self.cfg.async_save:
-            self.pending = _PendingSave(engine.save_async(tmp, self.group), step, manifest, start)
+            self.pending = _PendingSave(engine.save_async(tmp, self.group, wrap_file), step, manifest, start)
             self.saved_step = step
             return time.perf_counter() - start
         try:
-            engine.save(tmp)  # DCP reports a rank's failed write to every rank
+            engine.save(tmp, wrap_file)
         except (OSError, CheckpointException) as exc:
-            self._abandon(final, exc)
+            failure = exc
+        self._stop_if_any_rank_failed(final, failure)
         self.saved_step = step
         barrier()
         if self.dist.is_main:
@@ -114,11 +114,14 @@ class CheckpointManager:
         barrier()
         return time.perf_counter() - start
 
-    def _abandon(self, final: Path, failure: BaseException | None) -> None:
-        """Remove a checkpoint whose writing failed on some rank and stop with the reason."""
+    def _stop_if_any_rank_failed(self, final: Path, failure: BaseException | None) -> None:
+        """Call on every rank: if writing `final` failed on any of them, remove it and raise on
+        all, naming the first failing rank and its reason."""
+        reason = first_failure(failure_reason(failure, self.dist) if failure is not None else None)
+        if reason is None:
+            return
         if self.dist.is_main:
             shutil.rmtree(temporary_path(final), ignore_errors=True)
-        reason = failure_reason(failure) if failure else "it failed on another rank; see that rank's log"
         previous = complete_checkpoints(self.root)
         kept = f"the newest complete checkpoint, {previous[-1]}, is intact" if previous else "no earlier checkpoint exists"
         raise PretrainError(f"writing checkpoint {final} failed ({reason}); {kept}. "
@@ -137,10 +140,13 @@ class CheckpointManager:
         pending, self.pending = self.pending, None
         try:
             pending.future.result()
-        except Exception as exc:
-            raise PretrainError(f"writing checkpoint {checkpoint_dir(self.root, pending.step)} failed ({exc}); the "
-                                "previous checkpoints are intact. Check free disk space and permissions of "
-                                "out_dir") from exc
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+            if self.dist.is_main:
+                shutil.rmtree(temporary_path(checkpoint_dir(self.root, pending.step)), ignore_errors=True)
+            raise PretrainError(f"writing checkpoint {checkpoint_dir(self.root, pending.step)} failed "
+                                f"({failure_reason(exc, self.dist)}); the previous checkpoints are intact. Free disk "
+                                f"space or fix the permissions of {self.root}, then restart: training resumes from "
+                                "the newest complete checkpoint") from exc
         if self.dist.is_main:  # DCP completes the future once every rank's shards are written
             self._publish(pending.step, pending.manifest, pending.started)
 
@@ -191,7 +197,7 @@ class CheckpointManager:
             rng = torch.load(rng_file, weights_only=True) if same_ranks else None
         except (CheckpointException, RuntimeError, OSError, EOFError, ValueError, KeyError,
                 pickle.UnpicklingError) as exc:
-            raise CorruptCheckpoint(f"{path} could not be read: {failure_reason(exc)}") from exc
+            raise CorruptCheckpoint(f"{path} could not be read: {failure_reason(exc, self.dist)}") from exc
         if rng is not None:
             set_rng_state(rng)
         elif self.dist.is_main:
@@ -216,14 +222,15 @@ def check_compatible(path: Path, manifest: dict, engine: Engine) -> None:
                             "over with --checkpoint.resume=false or another out_dir")
 
 
-def failure_reason(exc: BaseException) -> str:
-    """One line saying why a checkpoint read or write failed. DCP wraps each rank's error in a
-    CheckpointException whose text starts with a list of ranks; the first rank's own error is
-    what the user needs (a refused pickle global, a full disk)."""
-    prefix = ""
+def failure_reason(exc: BaseException, dist_info: DistInfo) -> str:
+    """One line saying why a checkpoint read or write failed, and on which rank when there are
+    several. DCP wraps each rank's error in a CheckpointException whose text starts with a list
+    of ranks; the first failing rank's own error is what the user needs (a refused pickle
+    global, a full disk)."""
+    rank = dist_info.rank
     if isinstance(exc, CheckpointException) and exc.failures:
-        rank, (exc, _) = next(iter(sorted(exc.failures.items(), key=lambda item: item[0])))
-        prefix = f"on rank {rank}: "
+        rank, (exc, _) = min(exc.failures.items(), key=lambda item: item[0])
+    prefix = f"on rank {rank}: " if dist_info.world_size > 1 else ""
     if isinstance(exc, pickle.UnpicklingError):
         return prefix + refusal(exc)
     return prefix + (str(exc).splitlines() or [type(exc).__name__])[0][:300]

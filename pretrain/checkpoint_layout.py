@@ -12,7 +12,8 @@ Layout of one checkpoint (format_version 1):
   rng/rank_NNNNN.pt  each rank's CPU (and CUDA) random state
   model and optimizer: DCP files (.metadata, __R_N.distcp) for none/ddp/fsdp, with the model's own
                      parameter names under "model." and the optimizer's under "optimizer.";
-                     DeepSpeed's engine checkpoint under deepspeed/ for deepspeed.
+                     DeepSpeed's engine checkpoint under deepspeed/ for deepspeed, with `latest`
+                     (naming that tag) and DeepSpeed's zero_to_fp32.py beside it, as its tools expect.
 
 Everything is written into .tmp_step_N/, flushed to disk, then renamed into place
 (pretrain.checkpoint.CheckpointManager)."""

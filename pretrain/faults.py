@@ -8,7 +8,10 @@ Set PRETRAIN_FAULTS to a comma-separated list of KIND@STEP[:rank=R][:seconds=S],
   sleep      sleep `seconds` (default 3600) inside the step (a hung rank)
   nan        the step's loss becomes NaN (and with it the gradients)
   spike      the step's loss is multiplied by `factor` (default 100)
-  disk_full  writing the checkpoint of that step fails with ENOSPC
+  disk_full  writing this process's model/optimizer files of that step's checkpoint fails with
+             ENOSPC half-way through its first write (part of a shard is on disk)
+  kill_mid_save  SIGKILL this process half-way through that same write (a node lost during a
+             save; with checkpoint.async, while the background write is in flight)
 A fault without `rank=` fires on every rank. Each fires once per process, and only in the first
 attempt of a job (torchrun's TORCHELASTIC_RESTART_COUNT=0), so the restarted job runs clean."""
 
@@ -20,6 +23,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -28,7 +32,7 @@ from pretrain.errors import PretrainError
 log = logging.getLogger(__name__)
 
 ENV = "PRETRAIN_FAULTS"
-KINDS = ("kill", "term", "sleep", "nan", "spike", "disk_full")
+KINDS = ("kill", "term", "sleep", "nan", "spike", "disk_full", "kill_mid_save")
 
 
 @dataclass
@@ -106,7 +110,42 @@ class FaultInjector:
         spike = self._take("spike", step)
         return loss * spike.factor if spike else loss
 
-    def checkpoint_writing(self, step: int) -> None:
-        """Fail the write of checkpoint `step` as a full disk would."""
-        if self.faults and self._take("disk_full", step):
-            raise OSError(errno.ENOSPC, "No space left on device (injected by PRETRAIN_FAULTS)")
+    def checkpoint_file_fault(self, step: int) -> Callable[[BinaryIO], BinaryIO] | None:
+        """A wrapper for the files this process writes into the model/optimizer part of checkpoint
+        `step` that stops the first write half-way as planned (disk_full: ENOSPC; kill_mid_save:
+        SIGKILL), or None when nothing is planned. The engine applies it where it opens its files,
+        so the fault lands inside the real write (DCP's, or DeepSpeed's torch.save)."""
+        if not self.faults:
+            return None
+        fault = self._take("disk_full", step) or self._take("kill_mid_save", step)
+        if fault is None:
+            return None
+        fired: list[bool] = []  # one write of all the files stops half-way, once
+
+        def wrap(stream: BinaryIO) -> BinaryIO:
+            return _StopsHalfway(stream, fault.kind, fired)  # type: ignore[return-value]
+
+        return wrap
+
+
+class _StopsHalfway:
+    """A writable file whose first write puts half of its bytes on disk, then fails as a full
+    disk does or kills the process; everything else goes to the file unchanged."""
+
+    def __init__(self, stream: BinaryIO, kind: str, fired: list[bool]):
+        self._stream, self._kind, self._fired = stream, kind, fired
+
+    def write(self, data: bytes) -> int:
+        if self._fired:
+            return self._stream.write(data)
+        self._fired.append(True)
+        view = memoryview(data).cast("B")
+        self._stream.write(view[: len(view) // 2])
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
+        if self._kind == "kill_mid_save":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.ENOSPC, "No space left on device (injected by PRETRAIN_FAULTS)")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)

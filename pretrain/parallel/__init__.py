@@ -26,6 +26,7 @@ from pretrain.parallel.distributed import (
     destroy_process_group,
     dist_info_from_env,
     exit_process,
+    first_failure,
     init_process_group,
     main_rank_first,
     select_device,
@@ -36,7 +37,7 @@ from pretrain.parallel.engine import Engine, TorchEngine, model_shapes
 from pretrain.parallel.fsdp import apply_fsdp, build_mesh
 
 __all__ = ["DistInfo", "Engine", "any_rank", "barrier", "build_engine", "collective_failures_named", "destroy_process_group",
-           "dist_info_from_env", "exit_process", "init_process_group", "main_rank_first", "materialize", "select_device",
+           "dist_info_from_env", "exit_process", "first_failure", "init_process_group", "main_rank_first", "materialize", "select_device",
            "side_group", "sum_over_ranks"]
 
 log = logging.getLogger(__name__)

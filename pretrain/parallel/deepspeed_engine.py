@@ -12,7 +12,7 @@ import copy
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from deepspeed.checkpoint.constants import (
@@ -24,6 +24,7 @@ from torch import nn
 
 from pretrain.atomic_dir import publish, temporary_sibling
 from pretrain.checkpoint_layout import DEEPSPEED_DIR, check_shapes, read_manifest
+from pretrain.parallel.engine import WrapFile
 from pretrain.config import Config, grad_accum_steps
 from pretrain.errors import PretrainError
 from pretrain.optim import build_optimizer, parameter_groups
@@ -32,6 +33,7 @@ from pretrain.safe_load import weights_only_loads
 
 log = logging.getLogger(__name__)
 
+LATEST = "latest"  # DeepSpeed's file naming the newest tag in a checkpoint directory
 
 
 def deepspeed_config(cfg: Config, world_size: int, bf16: bool, on_gpu: bool) -> dict[str, Any]:
@@ -100,6 +102,7 @@ class DeepSpeedEngine:
             optimizer = build_optimizer(model, cfg.optim, device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                     dist_init_required=False)
+        self.writes = _RecordedWrites(self.engine)
         self.model = self.engine
         self.optimizer = optimizer  # ZeRO steps this optimizer on its flat shards; the LR schedule drives it
         log.info("DeepSpeed ZeRO stage %d%s%s, bf16=%s", cfg.parallel.zero_stage,
@@ -140,10 +143,18 @@ class DeepSpeedEngine:
                 return {}
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, wrap_file: WrapFile | None = None) -> None:
+        """Every rank writes its partition into path/deepspeed/. A rank whose write fails goes on
+        through DeepSpeed's barriers with the others (the failure is recorded, not raised inside
+        DeepSpeed, where the other ranks would wait for it until the collective timeout) and
+        raises it afterwards; the caller then stops every rank together. path/latest names the
+        tag, as DeepSpeed's own tools (zero_to_fp32.py, load_checkpoint without a tag) expect."""
         # The universal-checkpoint marker lets DeepSpeed's converter read ZeRO-1/2 checkpoints too.
         state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        self.engine.save_checkpoint(str(path), tag=DEEPSPEED_DIR, client_state=state, save_latest=False)
+        with self.writes.recording(wrap_file):
+            self.engine.save_checkpoint(str(path), tag=DEEPSPEED_DIR, client_state=state, save_latest=False)
+            if self.engine.global_rank == 0:
+                self.writes.run(lambda: (path / LATEST).write_text(DEEPSPEED_DIR))
 
     def _parameter_shapes(self) -> dict[str, torch.Size]:
         """Full shapes (ZeRO-3 keeps each parameter's in `ds_shape`; its tensor is a shard)."""
@@ -181,6 +192,54 @@ class DeepSpeedEngine:
         if loaded is None:
             raise PretrainError(f"{path / DEEPSPEED_DIR} holds no DeepSpeed state; the checkpoint is damaged, "
                                 "resume from an earlier one with --checkpoint.resume_from")
+
+
+class _RecordedWrites:
+    """Stands in for a DeepSpeed engine's checkpoint engine (and its copy of the recovery
+    scripts, rank 0's only other write) while a checkpoint is saved: each file goes through
+    `wrap_file` when one is given, and the first OSError is kept instead of raised, so that this
+    rank still reaches the barriers the other ranks wait at. recording() raises it at the end."""
+
+    def __init__(self, engine: Any):
+        self.engine, self.inner = engine, engine.checkpoint_engine
+        self.failure: OSError | None = None
+        self.wrap_file: WrapFile | None = None
+
+    @contextlib.contextmanager
+    def recording(self, wrap_file: WrapFile | None) -> Iterator[None]:
+        self.failure, self.wrap_file = None, wrap_file
+        copy_scripts = self.engine._copy_recovery_script  # DeepSpeed's private helper (rank 0)
+        self.engine.checkpoint_engine = self
+        self.engine._copy_recovery_script = lambda save_path: self.run(lambda: copy_scripts(save_path))
+        try:
+            yield
+        finally:
+            self.engine.checkpoint_engine = self.inner
+            del self.engine._copy_recovery_script  # back to the class's method
+        if self.failure is not None:
+            raise self.failure
+
+    def run(self, write: Callable[[], object]) -> None:
+        if self.failure is not None:
+            return  # this checkpoint is lost already: write nothing more of it
+        try:
+            write()
+        except OSError as exc:
+            self.failure = exc
+
+    def save(self, state_dict: dict, path: str) -> None:
+        if self.wrap_file is None:
+            self.run(lambda: self.inner.save(state_dict, path))
+            return
+
+        def wrapped() -> None:
+            with open(path, "wb") as file:
+                self.inner.save(state_dict, self.wrap_file(file))  # torch.save takes a file object too
+
+        self.run(wrapped)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # makedirs, create, commit, is_decoupled, ...
 
 
 def universal_copy(path: Path, is_main: bool) -> Path:

@@ -145,6 +145,16 @@ def any_rank(flag: bool) -> bool:
     return bool(sum_over_ranks(torch.tensor(int(flag))).item())
 
 
+def first_failure(reason: str | None) -> str | None:
+    """The first of the ranks' failure reasons (None = no failure there), or None when no rank
+    failed: the same on every rank, so all can stop together with the cause. Call on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return reason
+    reasons: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    return next((r for r in reasons if r is not None), None)
+
+
 def barrier() -> None:
     """Wait for every rank (nothing to wait for without a process group)."""
     if dist.is_initialized():

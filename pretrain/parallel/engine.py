@@ -7,15 +7,18 @@ over the optimizer and the checkpoint format, has its own adapter with the same 
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import BinaryIO, Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -26,6 +29,8 @@ from torch.distributed.tensor import DTensor
 
 from pretrain.checkpoint_layout import check_shapes, dcp_model_shapes
 from pretrain.safe_load import SafeFileSystemReader, SafeLoadPlanner
+
+WrapFile = Callable[[BinaryIO], BinaryIO]
 
 # DCP warns on every save and load without a process group (also from an asynchronous save's
 # thread, which a warnings context in the caller does not cover); one process is intended there.
@@ -43,8 +48,10 @@ class Engine(Protocol):
     # updates inside its own step, so there approve is asked afterwards and cannot veto.
     can_veto_update: bool
     def step(self, max_norm: float, approve: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor: ...
-    def save(self, path: Path) -> None: ...
-    def save_async(self, path: Path, group: dist.ProcessGroup | None) -> Future: ...  # DCP engines only
+    # wrap_file (fault injection, pretrain.faults): wraps each file the engine writes
+    def save(self, path: Path, wrap_file: WrapFile | None = None) -> None: ...
+    def save_async(self, path: Path, group: dist.ProcessGroup | None,  # DCP engines only
+                   wrap_file: WrapFile | None = None) -> Future: ...
     def load(self, path: Path) -> None: ...  # refuses a checkpoint whose parameter shapes differ, naming one
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
 
@@ -83,15 +90,17 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def save(self, path: Path) -> None:
-        """Every rank writes its own shards in parallel (DCP); the result loads at any world size."""
-        dcp.save(self._state(), checkpoint_id=str(path))
+    def save(self, path: Path, wrap_file: WrapFile | None = None) -> None:
+        """Every rank writes its own shards in parallel (DCP); the result loads at any world size.
+        A rank's failed write fails the save on every rank (DCP gathers each rank's result)."""
+        dcp.save(self._state(), checkpoint_id=str(path), storage_writer=_writer(path, wrap_file))
 
-    def save_async(self, path: Path, group: dist.ProcessGroup | None) -> Future:
+    def save_async(self, path: Path, group: dist.ProcessGroup | None, wrap_file: WrapFile | None = None) -> Future:
         """Copy this rank's state to CPU memory now, write it in a background thread whose
         collectives run on `group` (not the training loop's); the future completes on every rank
         once the checkpoint's metadata is written, i.e. all ranks' shards are on disk."""
-        return dcp.async_save(self._state(), checkpoint_id=str(path), process_group=group)
+        return dcp.async_save(self._state(), checkpoint_id=str(path), storage_writer=_writer(path, wrap_file),
+                              process_group=group)
 
     def _state(self) -> dict:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
@@ -108,6 +117,27 @@ class TorchEngine:
         """The whole model's weights on rank 0's CPU; other ranks get {} (a collective under FSDP)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {k: v.detach().cpu() for k, v in get_model_state_dict(self.model, options=options).items()}
+
+
+def _writer(path: Path, wrap_file: WrapFile | None) -> FileSystemWriter:
+    """DCP's file writer for `path`, its files passed through `wrap_file` when one is given."""
+    writer = FileSystemWriter(str(path))
+    if wrap_file is not None:
+        writer.fs = _WrappingFileSystem(wrap_file)
+    return writer
+
+
+class _WrappingFileSystem(FileSystem):
+    """DCP's local file system, with every file opened for writing passed through `wrap_file`."""
+
+    def __init__(self, wrap_file: WrapFile):
+        super().__init__()
+        self.wrap_file = wrap_file
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
+        with super().create_stream(path, mode) as stream:
+            yield self.wrap_file(stream) if "w" in mode else stream  # type: ignore[arg-type,misc]
 
 
 def model_shapes(model: nn.Module) -> dict[str, torch.Size]:

@@ -8,6 +8,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,6 +168,29 @@ def test_a_deepspeed_checkpoint_that_would_run_code_is_refused(two_rank_run, tmp
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     assert main(["export", str(ckpt), "--format", "torch", "--out", str(tmp_path / "out")]) == 1
     assert "posix.system" in capsys.readouterr().err and not marker.exists()
+
+
+@pytest.mark.parametrize("two_rank_run", ["zero3"], indirect=True)
+def test_deepspeeds_own_tools_read_our_zero_checkpoint_as_documented(two_rank_run, tmp_path):
+    """DeepSpeed's converter finds the tag through the checkpoint's `latest` file, so its
+    documented commands work unchanged: the function without a tag, and the zero_to_fp32.py
+    script DeepSpeed copies into the checkpoint, run from inside it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt, weights = two_rank_run
+    with weights_only_loads():
+        converted = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    assert_same_weights({strip_wrappers(k): v.float() for k, v in converted.items()}, weights)
+    # (--safe_serialization refuses the tied embedding and head: a limit of the script itself)
+    script = subprocess.run([sys.executable, "zero_to_fp32.py", ".", str(tmp_path / "out")],
+                            cwd=ckpt, text=True,
+                            capture_output=True, timeout=300)
+    assert script.returncode == 0, script.stderr[-3000:]
+    written = torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True)
+    exported = {strip_wrappers(k): v for k, v in written.items()}
+    assert exported.keys() == weights.keys()
+    for name, value in weights.items():  # tied: the script writes the shared matrix under both names
+        assert torch.equal(exported[name].float(), value), name
 
 
 def test_two_rank_checkpoint_exports_the_runs_weights(two_rank_run, tmp_path):
