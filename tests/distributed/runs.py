@@ -3,6 +3,7 @@ or under run_ranks), keeping rank 0's final weights in run_dir/weights.pt."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ def train(run_dir: Path, corpus: Path, tokenizer: Path, world_size: int, **extra
     weights = trainer.engine.full_state_dict()
     if weights:
         torch.save(weights, run_dir / "weights.pt")
+        blocks = getattr(trainer.model, "layers", [])  # DeepSpeed's engine wraps the model: not recorded
+        compiled = sum(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
+        (run_dir / "structure.json").write_text(json.dumps({"compiled_blocks": compiled}))
 
 
 def rank_train(rank: int, world_size: int, run_dir: Path, corpus: Path, tokenizer: Path, extra: dict) -> None:
