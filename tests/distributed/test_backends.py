@@ -80,10 +80,9 @@ def test_two_ranks_match_one_process(backend, tied, single_process, tmp_path, co
 # master copy in the optimizer; one process: autocast over fp32 weights), so they agree with one
 # bf16 process to bf16's precision, not bit for bit. The stated tolerance is bf16's own effect:
 # each tensor of the 2-rank run may differ from the 1-process bf16 run by at most 2.5x what
-# running in bf16 instead of fp32 changes it by in one process (measured up to 1.6x for FSDP and
-# 1.8x for ZeRO-2/3), and
-# each step's loss by at most 0.1% (measured 0.02-0.03%; bf16 vs fp32 in one process: 0.02%).
-# A real error (a gradient not averaged, a shard dropped) moves them by far more.
+# running in bf16 instead of fp32 changes it by in one process (measured: up to 1.6x for FSDP,
+# 1.8x for ZeRO-2/3), and each step's loss by at most 0.1% (measured 0.02-0.03%; bf16 vs fp32 in
+# one process: 0.02%). A real error (a gradient not averaged, a shard dropped) moves them by far more.
 BF16 = {"fsdp": BACKENDS["fsdp"], "zero2": BACKENDS["zero2"], "zero3": BACKENDS["zero3"]}
 BF16_LOSS_RTOL, BF16_WEIGHT_NOISE_FACTOR = 1e-3, 2.5
 
