@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,28 @@ def tiny_overrides(run_dir: Path, corpus: Path, tokenizer_path: Path, **extra: o
 def read_metrics(out_dir: str | Path) -> list[dict]:
     """The records of out_dir/metrics.jsonl, in order."""
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def consistent_losses(out_dir: str | Path) -> dict[int, float]:
+    """step -> loss of out_dir/metrics.jsonl; a step logged twice (before a crash and after the
+    restart that trained it again) must have the same loss both times."""
+    seen: dict[int, float] = {}
+    for record in read_metrics(out_dir):
+        if "loss" in record:
+            assert seen.setdefault(record["step"], record["loss"]) == record["loss"], record
+    return seen
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Wait until `proc`, training into `run`, has logged `step`; fail if it exits or takes longer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if (run / "metrics.jsonl").exists() and any(r.get("step", 0) >= step for r in read_metrics(run)):
+            return
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no step {step} within {timeout_s}s")
 
 
 @pytest.fixture

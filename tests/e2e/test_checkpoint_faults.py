@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, tiny_overrides
+from tests.conftest import consistent_losses as losses
+from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -42,15 +43,6 @@ def torchrun(run: Path, corpus: Path, tokenizer: Path, *extra: str, faults: str 
         os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only torchrun
         raise
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
-
-
-def losses(run: Path) -> dict[int, float]:
-    """step -> loss; a step logged twice (before the fault and after the restart) must agree."""
-    seen: dict[int, float] = {}
-    for record in read_metrics(run):
-        if "loss" in record:
-            assert seen.setdefault(record["step"], record["loss"]) == record["loss"], record
-    return seen
 
 
 def checkpoints(run: Path) -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 
 from pretrain.run_lock import LOCK_FILE_NAME, OutDirLocked
 from pretrain.trainer import Trainer
-from tests.conftest import read_metrics, tiny_overrides
+from tests.conftest import tiny_overrides, wait_for_step
 
 REPO = Path(__file__).resolve().parents[2]
 # A run on another node, alive (its heartbeat is fresh): to be refused.
@@ -57,17 +57,6 @@ def test_a_trainer_refuses_a_locked_out_dir_before_writing_anything(tiny_config)
     lock.unlink()
     Trainer(cfg).train()  # the lock is gone: it trains, and releases its own lock at the end
     assert not lock.exists() and (Path(cfg.out_dir) / "config.yaml").is_file()
-
-
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        if (run / "metrics.jsonl").exists() and any(r.get("step", 0) >= step for r in read_metrics(run)):
-            return
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"no step {step} within {timeout_s}s")
 
 
 @pytest.mark.slow

@@ -7,13 +7,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pretrain.errors import PREEMPTED_EXIT_CODE
-from tests.conftest import read_metrics, tiny_overrides
+from tests.conftest import consistent_losses as losses
+from tests.conftest import tiny_overrides, wait_for_step
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -28,26 +28,6 @@ def config_file(run: Path) -> str:
     path = run.parent / "config.yaml"
     path.write_text(f"out_dir: {run}\n")
     return str(path)
-
-
-def losses(run: Path) -> dict[int, float]:
-    """step -> loss; a step logged twice (before a crash and after the restart) must agree."""
-    seen: dict[int, float] = {}
-    for record in read_metrics(run):
-        if "loss" in record:
-            assert seen.setdefault(record["step"], record["loss"]) == record["loss"], record
-    return seen
-
-
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        if (run / "metrics.jsonl").exists() and any(r.get("step", 0) >= step for r in read_metrics(run)):
-            return
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"no step {step} within {timeout_s}s")
 
 
 def newest_checkpoint(run: Path) -> dict:
