@@ -174,12 +174,12 @@ def main() -> int:
         return 1
     rng = random.Random(args.seed)
     outcomes = []
-    print(f"{'#':>3} {'fault':<10} {'where':<24} {'recovered':>9} {'steps lost':>10} {'divergent':>9} "
+    print(f"{'#':>3} {'fault':<13} {'where':<28} {'recovered':>9} {'steps lost':>10} {'divergent':>9} "
           f"{'lost ckpts':>10} {'seconds':>8}", flush=True)
     for run in range(args.faults):
         o = inject(KINDS[run % len(KINDS)], run, rng, clean, tokenizer, work)
         outcomes.append(o)
-        print(f"{run:>3} {o.kind:<10} {o.where:<24} {'yes' if o.recovered else 'NO':>9} {o.steps_lost:>10} "
+        print(f"{run:>3} {o.kind:<13} {o.where:<28} {'yes' if o.recovered else 'NO':>9} {o.steps_lost:>10} "
               f"{'YES' if o.divergent else 'no':>9} {o.lost_checkpoints:>10} {o.seconds:>8.1f}", flush=True)
     recovered = sum(o.recovered for o in outcomes)
     divergent = sum(o.divergent for o in outcomes)
