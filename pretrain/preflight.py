@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pretrain.checkpoint_layout import complete_checkpoints
 from pretrain.config import Config, load_config
 from pretrain.errors import PretrainError
 from pretrain.hardware import measure_matmul_flops, peak_flops, resolve_precision
@@ -207,7 +208,7 @@ class PreflightReport:
     memory: TrainingMemory
     memory_available: float | None
     checkpoint_bytes: int
-    checkpoints_needed: int
+    checkpoints_needed: int  # free room needed, in checkpoints: 2, or 1 (resuming, or checkpoint.every=0)
     disk_path: str | None  # None when out_dir cannot be written (free space is then not checked)
     disk_free: int | None
     warnings: list[str]
@@ -238,8 +239,11 @@ def run_preflight(cfg: Config, info: DistInfo, measure: bool = True) -> Prefligh
                                                          "--train.ignore_memory_check=true"]))
     size = checkpoint_bytes(cfg)
     # The newest checkpoint stays until the next one is complete, so a run saving every N steps
-    # needs room for two; with checkpoint.every=0 a preemption signal still writes one.
+    # needs room for two; with checkpoint.every=0 a preemption signal still writes one. A run that
+    # resumes already has the one that stays on the disk: it needs room for the next only.
     copies = 2 if cfg.checkpoint.every else 1
+    if cfg.checkpoint.resume and complete_checkpoints(Path(cfg.out_dir) / "checkpoints"):
+        copies = 1
     disk_path, free = None, None
     try:
         check_out_dir(cfg.out_dir)  # first: free_disk looks at the nearest existing parent
@@ -290,8 +294,8 @@ def format_report(report: PreflightReport) -> list[str]:
     needed = report.checkpoints_needed * report.checkpoint_bytes
     disk = (f"{report.disk_free / GIB:.2f} GiB free at {report.disk_path}" if report.disk_free is not None else
             "free space not checked (out_dir cannot be written)")
-    rows.append(("checkpoint", f"{report.checkpoint_bytes / GIB:.2f} GiB each, {report.checkpoints_needed} at once "
-                               + f"need {needed / GIB:.2f} GiB; {disk}"))
+    room = "2 at once need" if report.checkpoints_needed == 2 else "the next one needs"
+    rows.append(("checkpoint", f"{report.checkpoint_bytes / GIB:.2f} GiB each, {room} {needed / GIB:.2f} GiB; {disk}"))
     rows += [("warning", w) for w in report.warnings] + [("error", f) for f in report.failures]
     rows.append(("result", "FAILED" if report.failures else "ok"))
     # A multi-line value (a warning with its fixes) continues under the value column.

@@ -361,3 +361,20 @@ def test_main_prints_the_report_and_returns_the_exit_code(tmp_path, corpus_file,
     _free_disk(monkeypatch, free=0)
     assert preflight.main(None, overrides) == 1
     assert "one checkpoint of this model needs" in capsys.readouterr().out
+
+
+def test_a_resumed_run_needs_room_for_the_next_checkpoint_only(tiny_config, monkeypatch):
+    """The checkpoint it resumes from is on the disk already: the one that stays while the next
+    is written. Room for one more is enough; a fresh run needs room for two."""
+    cfg = tiny_config(checkpoint__every=1)
+    size = checkpoint_bytes(cfg)
+    _free_disk(monkeypatch, free=3 * size // 2)
+    fresh = run_preflight(cfg, DistInfo(0, 0, 1, CPU), measure=False)
+    assert fresh.checkpoints_needed == 2 and [f for f in fresh.failures if "two checkpoints" in f]
+    existing = Path(cfg.out_dir) / "checkpoints" / "step_00000001"
+    existing.mkdir(parents=True)
+    (existing / "manifest.json").write_text('{"step": 1, "files": {}}')
+    resumed = run_preflight(cfg, DistInfo(0, 0, 1, CPU), measure=False)
+    assert resumed.checkpoints_needed == 1 and resumed.failures == []
+    starting_over = run_preflight(_with(cfg, "checkpoint", resume=False), DistInfo(0, 0, 1, CPU), measure=False)
+    assert starting_over.checkpoints_needed == 2 and starting_over.failures
