@@ -36,9 +36,9 @@ from pretrain.parallel.distributed import (
 from pretrain.parallel.engine import Engine, TorchEngine, model_shapes
 from pretrain.parallel.fsdp import apply_fsdp, build_mesh
 
-__all__ = ["DistInfo", "Engine", "any_rank", "barrier", "build_engine", "collective_failures_named", "destroy_process_group",
-           "dist_info_from_env", "exit_process", "first_failure", "init_process_group", "main_rank_first", "materialize", "select_device",
-           "side_group", "sum_over_ranks"]
+__all__ = ["DistInfo", "Engine", "any_rank", "barrier", "build_engine", "collective_failures_named",
+           "destroy_process_group", "dist_info_from_env", "exit_process", "first_failure", "init_process_group",
+           "main_rank_first", "materialize", "select_device", "side_group", "sum_over_ranks"]
 
 log = logging.getLogger(__name__)
 
