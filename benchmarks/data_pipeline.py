@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -75,6 +75,13 @@ class Measure:
 
     def __exit__(self, *exc) -> None:
         self.wall, self.cpu = time.perf_counter() - self.wall, cpu_seconds() - self.cpu
+
+
+def timed(run: Callable[[], int]) -> tuple[int, float, float]:
+    """(what `run` returns, a token count; its wall seconds; its CPU seconds)."""
+    with Measure() as m:
+        tokens = run()
+    return tokens, m.wall, m.cpu
 
 
 def make_corpus(source: Path, megabytes: float, out: Path) -> Path:
@@ -237,27 +244,15 @@ def main() -> int:
         n_batches = (min(ours_prepare[0], hf_prepare[0]) - 1) // (BATCH * args.seq_len)
         steps = {"train.max_steps": n_batches}
 
-        with Measure() as m:
-            tokens = hf_cached(cached, args.seq_len, n_batches)
-        hf_shards = (tokens, m.wall, m.cpu)
-        with Measure() as m:
-            tokens = hf_cached(cached.shuffle(seed=0), args.seq_len, n_batches)
-        hf_shuffled = (tokens, m.wall, m.cpu)
-        with Measure() as m:
-            tokens = run_ours(config(**steps, **shards), tokenizer)
-        ours_shards = (tokens, m.wall, m.cpu)
-        with Measure() as m:
-            tokens = hf_streaming(corpus, tokenizer.path, args.seq_len, n_batches)
-        hf_stream = (tokens, m.wall, m.cpu)
+        hf_shards = timed(lambda: hf_cached(cached, args.seq_len, n_batches))
+        hf_shuffled = timed(lambda: hf_cached(cached.shuffle(seed=0), args.seq_len, n_batches))
+        ours_shards = timed(lambda: run_ours(config(**steps, **shards), tokenizer))
+        hf_stream = timed(lambda: hf_streaming(corpus, tokenizer.path, args.seq_len, n_batches))
         # A source above data.in_memory_max_bytes: read chunk by chunk by lanes in the workers.
         streamed = config(**steps, **{"data.in_memory_max_bytes": 0, "data.lanes": BATCH,
                                       "data.chunk_bytes": 1 << 18})
-        with Measure() as m:
-            tokens = run_ours(streamed, tokenizer)
-        ours_stream = (tokens, m.wall, m.cpu)
-        with Measure() as m:
-            tokens = run_ours(config(**steps, **{"data.num_workers": 0}), tokenizer)
-        ours_in_memory = (tokens, m.wall, m.cpu)
+        ours_stream = timed(lambda: run_ours(streamed, tokenizer))
+        ours_in_memory = timed(lambda: run_ours(config(**steps, **{"data.num_workers": 0}), tokenizer))
         hf_from_scratch = (hf_shards[0], hf_prepare[1] + hf_shards[1], hf_prepare[2] + hf_shards[2])
         demo = demo_model_tokens_per_s(str(out))
 

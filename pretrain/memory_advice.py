@@ -150,8 +150,8 @@ def memory_changes(cfg: Config, world_size: int, device: torch.device) -> list[M
         changed = _with_settings(cfg, *chosen)
         for offload in [None, *(_offload_settings(changed) if device.type == "cuda" else [])]:
             settings = (*chosen, offload) if offload else chosen
-            changes.append(MemoryChange(settings, memory_estimate(_with_settings(cfg, *settings), world_size,
-                                                                  device).total))
+            estimated = _with_settings(changed, offload) if offload else changed
+            changes.append(MemoryChange(settings, memory_estimate(estimated, world_size, device).total))
     return changes
 
 

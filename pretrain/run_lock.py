@@ -259,20 +259,25 @@ def machine_id() -> str:
     return "/".join(parts)
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may contain spaces): state first,
+    the start time at index 19. Raises OSError where /proc or the process is missing."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def process_start(pid: int) -> str | None:
     """The start time of process `pid` in clock ticks since boot (/proc/PID/stat, field 22);
     None where /proc is missing or the process is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return _stat_fields(pid)[19]
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # after the command name, which may contain spaces
 
 
 def process_alive(pid: int, started: str | None) -> bool:
     """Whether process `pid` runs and, where its start time is known, is the one that started then."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        state = _stat_fields(pid)
     except FileNotFoundError:
         return False
     except OSError:  # no /proc (macOS): ask the kernel

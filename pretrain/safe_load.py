@@ -6,10 +6,11 @@ download) must never be unpickled freely. Three kinds of pickle live in a checkp
   exact list of classes (DCP's metadata dataclasses, torch sizes and dtypes, plain containers),
   never a function, and never a whole module's worth of names;
 - DCP's non-tensor values (the optimizer's hyperparameters), which torch's default load planner
-  reads with `torch.load(weights_only=False)`: SafeLoadPlanner reads them weights-only;
+  reads with `torch.load(weights_only=False)`: read weights-only here;
 - DeepSpeed's files, whose loaders ask for `weights_only=False`: they run under
   `weights_only_loads()`, which overrides that.
-Tensors themselves are read by torch with `weights_only=True`."""
+Tensors themselves are read by torch with `weights_only=True`. Load DCP checkpoints with
+`load_dcp`, which pairs the safe reader with the safe planner."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -88,8 +90,8 @@ def read_dcp_metadata(directory: str | Path) -> Metadata:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """torch.distributed.checkpoint's file reader with the restricted metadata unpickler. Pass
-    SafeLoadPlanner beside it: the reader hands non-tensor values to the planner to unpickle."""
+    """torch.distributed.checkpoint's file reader with the restricted metadata unpickler. It hands
+    non-tensor values to the load planner to unpickle: use it through load_dcp."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         metadata = read_dcp_metadata(self.path)
@@ -108,7 +110,7 @@ def refusal(exc: pickle.UnpicklingError) -> str:
     return (named or lines or ["refused by torch's weights-only loader"])[0][:300]
 
 
-class SafeLoadPlanner(DefaultLoadPlanner):
+class _SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner, except that non-tensor values (the optimizer's param_groups,
     say) are unpickled weights-only: torch's own planner loads them with weights_only=False."""
 
@@ -125,6 +127,13 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[fqn], loaded)
         else:
             self.state_dict[fqn] = loaded
+
+
+def load_dcp(state: dict, directory: str | Path, no_dist: bool = False) -> None:
+    """Fill `state` in place from the DCP checkpoint in `directory` (dcp.load), nothing in it
+    unpickled freely: the metadata through the restricted unpickler, non-tensor values
+    weights-only. no_dist: only this process reads, even inside a distributed job."""
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=_SafeLoadPlanner(), no_dist=no_dist)
 
 
 # What DeepSpeed's checkpoint files hold besides tensors and plain containers: classes whose

@@ -1,8 +1,8 @@
 """Reading a training checkpoint outside training: its manifest, its config, and its weights a
 few tensors at a time, from either checkpoint format (DCP or DeepSpeed).
 
-Nothing here joins a process group or unpickles code: DCP's files go through
-SafeFileSystemReader and SafeLoadPlanner, DeepSpeed's files are read under weights_only_loads()."""
+Nothing here joins a process group or unpickles code: DCP's files are read by safe_load's
+read_dcp_metadata and load_dcp, DeepSpeed's files under weights_only_loads()."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from pretrain.config import Config
 from pretrain.config_parse import build, load_yaml_text
 from pretrain.errors import ConfigError, CorruptCheckpoint, PretrainError
 from pretrain.export.names import strip_wrappers
-from pretrain.safe_load import SafeFileSystemReader, SafeLoadPlanner, refusal, weights_only_loads
+from pretrain.safe_load import load_dcp, read_dcp_metadata, refusal, weights_only_loads
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
@@ -101,7 +101,7 @@ class DcpReader:
 
     def __init__(self, ckpt_dir: Path):
         self.path = ckpt_dir
-        stored = dcp_model_shapes(SafeFileSystemReader(str(ckpt_dir)).read_metadata())
+        stored = dcp_model_shapes(read_dcp_metadata(ckpt_dir))
         if not stored:
             raise PretrainError(f"{ckpt_dir} holds no model weights (no '{DCP_MODEL_PREFIX}*' tensors in its "
                                 ".metadata); the checkpoint is damaged or was not written by pretrain")
@@ -109,14 +109,11 @@ class DcpReader:
         self.shapes = {strip_wrappers(name): shape for name, shape in stored.items()}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        import torch.distributed.checkpoint as dcp
-
         state = {self._keys[n]: torch.empty(self.shapes[n], dtype=torch.float32) for n in names}
         with warnings.catch_warnings():  # DCP warns that no process group exists: intended here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             # no_dist: only this process reads, even inside a distributed job (init_from on rank 0)
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(self.path)), planner=SafeLoadPlanner(),
-                     no_dist=True)
+            load_dcp(state, self.path, no_dist=True)
         return {n: state[self._keys[n]] for n in names}
 
 

@@ -147,8 +147,9 @@ def any_rank(flag: bool) -> bool:
 
 def first_failure(reason: str | None) -> str | None:
     """The first of the ranks' failure reasons (None = no failure there), or None when no rank
-    failed: the same on every rank, so all can stop together with the cause. Call on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    failed: the same on every rank, so all can stop together with the cause. Call on every rank.
+    When no rank failed (every checkpoint save, almost always) it costs one any_rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not any_rank(reason is not None):
         return reason
     reasons: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(reasons, reason)

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from pretrain.checkpoint_layout import check_shapes, dcp_model_shapes
-from pretrain.safe_load import SafeFileSystemReader, SafeLoadPlanner
+from pretrain.safe_load import load_dcp, read_dcp_metadata
 
 WrapFile = Callable[[BinaryIO], BinaryIO]
 
@@ -107,10 +107,9 @@ class TorchEngine:
         return {"model": model_state, "optimizer": optim_state}
 
     def load(self, path: Path) -> None:
-        reader = SafeFileSystemReader(str(path))
-        check_shapes(model_shapes(self.model), dcp_model_shapes(reader.read_metadata()), str(path))
+        check_shapes(model_shapes(self.model), dcp_model_shapes(read_dcp_metadata(path)), str(path))
         state = self._state()
-        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+        load_dcp(state, path)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

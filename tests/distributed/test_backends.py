@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pretrain.export.weights import load_weights
-from pretrain.safe_load import SafeFileSystemReader
+from pretrain.safe_load import read_dcp_metadata
 from tests.distributed.ranks import run_ranks
 from tests.distributed.runs import STEPS, losses, rank_train, train
 
@@ -88,15 +88,16 @@ BF16_LOSS_RTOL, BF16_WEIGHT_NOISE_FACTOR = 1e-3, 2.5
 
 
 @pytest.mark.parametrize("backend", list(BF16))
-def test_two_ranks_in_bf16_match_one_bf16_process(backend, single_process, single_process_bf16, tmp_path, corpus_file,
-                                                    tokenizer_file):
+def test_two_ranks_in_bf16_match_one_bf16_process(backend, single_process, single_process_bf16, tmp_path,
+                                                    corpus_file, tokenizer_file):
     run_ranks(rank_train, 2, tmp_path, corpus_file, tokenizer_file,
               {**BF16[backend], "train__precision": "bf16", "checkpoint__every": STEPS})
     expected, got = losses(single_process_bf16), losses(tmp_path)
     assert len(got) == STEPS and expected[-1] < 0.9 * expected[0]
     assert got == pytest.approx(expected, rel=BF16_LOSS_RTOL), json.dumps({"expected": expected, "got": got})
     assert losses(tmp_path, "val_loss") == pytest.approx(losses(single_process_bf16, "val_loss"), rel=BF16_LOSS_RTOL)
-    reference, fp32 = torch.load(single_process_bf16 / "weights.pt"), torch.load(single_process[False] / "weights.pt")
+    reference = torch.load(single_process_bf16 / "weights.pt")
+    fp32 = torch.load(single_process[False] / "weights.pt")
     # the fp32 master weights (DeepSpeed's module holds bf16 copies of them)
     weights = load_weights(tmp_path / "checkpoints" / f"step_{STEPS:08d}")
     assert weights.keys() == reference.keys()
@@ -148,5 +149,5 @@ def stored_parameter_names(checkpoint: Path) -> set[str]:
     if (checkpoint / "deepspeed").is_dir():
         states = torch.load(next((checkpoint / "deepspeed").glob("*model_states.pt")), weights_only=False)
         return {name for group in states["param_shapes"] for name in group}
-    metadata = SafeFileSystemReader(str(checkpoint)).read_metadata()
+    metadata = read_dcp_metadata(checkpoint)
     return {key.removeprefix("model.") for key in metadata.state_dict_metadata if key.startswith("model.")}
