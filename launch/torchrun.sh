@@ -8,7 +8,10 @@
 #   PYTHON  interpreter with pretrain installed (default: .venv/bin/python if present, else python3)
 #   MAX_RESTARTS  times torchrun restarts all processes after one fails (default 3); each restart
 #           resumes from the newest complete checkpoint in out_dir, so a crash costs at most one
-#           checkpoint interval. 0 = fail the job at the first crash.
+#           checkpoint interval. 0 = fail the job at the first crash. An invalid config fails at
+#           once, before any process starts.
+#   SHUTDOWN_TIMEOUT  seconds the ranks get to finish a step and save after Ctrl-C (default 600);
+#           a second Ctrl-C stops them at once.
 # torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/PORT for each process. DeepSpeed runs
 # under torchrun too (no `deepspeed` launcher needed). More than one process needs a
 # parallel.backend that spreads over them (ddp, fsdp or deepspeed).
@@ -31,5 +34,8 @@ if [[ "$NPROC" -gt 1 ]]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 fi
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}" \
-  -m pretrain train "$@"
+# pretrain.torchrun is torchrun that validates the config first (an invalid one fails once, not
+# MAX_RESTARTS times) and ends quietly on Ctrl-C. SHUTDOWN_TIMEOUT: seconds the ranks get to save a
+# checkpoint after Ctrl-C before torchrun kills them (torchrun's default, 30, cuts big saves short).
+exec "$PYTHON" -m pretrain.torchrun --standalone --nproc_per_node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}" \
+  --shutdown_timeout "${SHUTDOWN_TIMEOUT:-600}" -m pretrain train "$@"

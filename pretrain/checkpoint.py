@@ -5,6 +5,7 @@ format); this module writes the rest, makes the write atomic and picks what to r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain.atomic_dir import publish, temporary_path, temporary_sibling
@@ -35,6 +37,7 @@ from pretrain.checkpoint_layout import (
 from pretrain.config import CheckpointConfig
 from pretrain.errors import CorruptCheckpoint, PretrainError
 from pretrain.faults import FaultInjector
+from pretrain.models.args import ModelArgs
 from pretrain.parallel import DistInfo, Engine, barrier, first_failure, side_group
 from pretrain.safe_load import refusal
 
@@ -105,6 +108,7 @@ class CheckpointManager:
         try:
             engine.save(tmp, wrap_file)
         except (OSError, CheckpointException) as exc:
+            raise_interruption(exc)  # DCP wraps a Ctrl-C during the write like any failure
             failure = exc
         self._stop_if_any_rank_failed(final, failure)
         self.saved_step = step
@@ -127,6 +131,26 @@ class CheckpointManager:
         raise PretrainError(f"writing checkpoint {final} failed ({reason}); {kept}. "
                             f"Free disk space or fix the permissions of {self.root} (checkpoint.keep_last limits how "
                             "many are kept), then restart: training resumes from the newest complete checkpoint")
+
+    def newest(self) -> str:
+        """The newest complete checkpoint, in words, for messages about what is kept."""
+        previous = complete_checkpoints(self.root)
+        return f"the newest complete checkpoint, {previous[-1]}," if previous else "no checkpoint"
+
+    def interrupted_save(self, step: int) -> str:
+        """What happened when a second Ctrl-C stopped the write of `step`'s checkpoint."""
+        kept = self.newest()
+        resume = ("is intact: the same command resumes from it" if kept != "no checkpoint" else
+                  "exists yet: the same command starts over")
+        return f"during the write of the checkpoint of step {step}: that checkpoint was not kept; {kept} {resume}"
+
+    def stopped_at_once(self, step: int) -> str:
+        """What a second Ctrl-C between saves cost."""
+        kept = self.newest()
+        if kept == "no checkpoint":
+            return f"stopped at once after step {step} without saving; no checkpoint exists yet: the same command starts over"
+        return (f"stopped at once after step {step} without saving; {kept} is intact: the same command resumes "
+                "from it (the steps after it are lost)")
 
     def poll(self) -> None:
         """Publish a background write that has completed. Cheap: call it every step."""
@@ -180,15 +204,18 @@ class CheckpointManager:
             log.info("removed checkpoint %s (checkpoint.keep_last=%d)", path, self.cfg.keep_last)
 
     # -- restoring -----------------------------------------------------------------------------
-    def load(self, path: Path, engine: Engine) -> dict:
+    def load(self, path: Path, engine: Engine, model: ModelArgs | None = None) -> dict:
         """Restore model and optimizer in place from `path` and this rank's random state; return
-        the training state dict. A checkpoint that does not fit this run raises PretrainError
-        (before anything is restored); a damaged one raises CorruptCheckpoint."""
+        the training state dict. A checkpoint that does not fit this run (its engine, or a model
+        section other than `model`) raises PretrainError before anything is restored; a damaged
+        one raises CorruptCheckpoint."""
         manifest = read_manifest(path)
         problem = damage(path)
         if manifest is None or problem:
             raise CorruptCheckpoint(f"{path} is not a complete checkpoint ({problem})")
         check_compatible(path, manifest, engine)
+        if model is not None and not self.cfg.allow_model_change:
+            check_same_model(path, model)
         try:
             engine.load(path)
             state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
@@ -222,6 +249,38 @@ def check_compatible(path: Path, manifest: dict, engine: Engine) -> None:
                             "over with --checkpoint.resume=false or another out_dir")
 
 
+# Model keys that a resume may change: they shape no trained tensor and no computation up to the
+# length trained on (max_seq_len only extends the rotary tables), or only act at initialisation.
+FREE_ON_RESUME = ("max_seq_len", "init_std", "init_scaled_residual")
+
+
+def model_changes(saved: dict, model: ModelArgs) -> list[str]:
+    """`model.KEY: saved -> now` for every key of the model's definition that differs between a
+    checkpoint's config and `model`; a key the checkpoint's config lacks had its default then."""
+    defaults = dataclasses.asdict(ModelArgs())
+    changes = []
+    for key, now in dataclasses.asdict(model).items():
+        before = saved.get(key, defaults[key])
+        if key not in FREE_ON_RESUME and before != now:
+            changes.append(f"model.{key}: {before!r} in the checkpoint, {now!r} now")
+    return changes
+
+
+def check_same_model(path: Path, model: ModelArgs) -> None:
+    """Refuse to resume into a model other than the one the checkpoint trained. Tensor shapes
+    alone do not show it: n_heads 8 -> 4 keeps every shape and silently changes the model."""
+    try:
+        saved = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CorruptCheckpoint(f"{path / CONFIG} cannot be read ({exc})") from exc
+    changes = model_changes(saved.get("model") or {}, model)
+    if changes:
+        raise PretrainError(
+            f"this config's model differs from the one checkpoint {path} trained:\n  - " + "\n  - ".join(changes)
+            + "\nResume with the checkpoint's values (see its config.yaml), start a new run with another out_dir "
+            "(or --checkpoint.resume=false), or, for a deliberate change, --checkpoint.allow_model_change=true")
+
+
 def failure_reason(exc: BaseException, dist_info: DistInfo) -> str:
     """One line saying why a checkpoint read or write failed, and on which rank when there are
     several. DCP wraps each rank's error in a CheckpointException whose text starts with a list
@@ -234,6 +293,18 @@ def failure_reason(exc: BaseException, dist_info: DistInfo) -> str:
     if isinstance(exc, pickle.UnpicklingError):
         return prefix + refusal(exc)
     return prefix + (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+
+
+def raise_interruption(exc: BaseException) -> None:
+    """Re-raise a Ctrl-C (KeyboardInterrupt) that DCP caught and wrapped in a CheckpointException,
+    so it is reported as an interruption, not as a failed write."""
+    if isinstance(exc, CheckpointException):
+        for wrapped, _ in exc.failures.values():
+            if isinstance(wrapped, KeyboardInterrupt):
+                raise wrapped
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, KeyboardInterrupt):
+        raise cause
 
 
 def recover_interrupted_writes(root: Path) -> None:

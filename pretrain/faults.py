@@ -32,7 +32,7 @@ from pretrain.errors import PretrainError
 log = logging.getLogger(__name__)
 
 ENV = "PRETRAIN_FAULTS"
-KINDS = ("kill", "term", "sleep", "nan", "spike", "disk_full", "kill_mid_save")
+KINDS = ("kill", "term", "sleep", "nan", "spike", "disk_full", "kill_mid_save", "slow_save")
 
 
 @dataclass
@@ -113,27 +113,27 @@ class FaultInjector:
     def checkpoint_file_fault(self, step: int) -> Callable[[BinaryIO], BinaryIO] | None:
         """A wrapper for the files this process writes into the model/optimizer part of checkpoint
         `step` that stops the first write half-way as planned (disk_full: ENOSPC; kill_mid_save:
-        SIGKILL), or None when nothing is planned. The engine applies it where it opens its files,
+        SIGKILL; slow_save: a sleep), or None when nothing is planned. The engine applies it where it opens its files,
         so the fault lands inside the real write (DCP's, or DeepSpeed's torch.save)."""
         if not self.faults:
             return None
-        fault = self._take("disk_full", step) or self._take("kill_mid_save", step)
+        fault = self._take("disk_full", step) or self._take("kill_mid_save", step) or self._take("slow_save", step)
         if fault is None:
             return None
         fired: list[bool] = []  # one write of all the files stops half-way, once
 
         def wrap(stream: BinaryIO) -> BinaryIO:
-            return _StopsHalfway(stream, fault.kind, fired)  # type: ignore[return-value]
+            return _StopsHalfway(stream, fault, fired)  # type: ignore[return-value]
 
         return wrap
 
 
 class _StopsHalfway:
     """A writable file whose first write puts half of its bytes on disk, then fails as a full
-    disk does or kills the process; everything else goes to the file unchanged."""
+    disk does, kills the process or stalls; everything else goes to the file unchanged."""
 
-    def __init__(self, stream: BinaryIO, kind: str, fired: list[bool]):
-        self._stream, self._kind, self._fired = stream, kind, fired
+    def __init__(self, stream: BinaryIO, fault: Fault, fired: list[bool]):
+        self._stream, self._fault, self._fired = stream, fault, fired
 
     def write(self, data: bytes) -> int:
         if self._fired:
@@ -143,8 +143,11 @@ class _StopsHalfway:
         self._stream.write(view[: len(view) // 2])
         self._stream.flush()
         os.fsync(self._stream.fileno())
-        if self._kind == "kill_mid_save":
+        if self._fault.kind == "kill_mid_save":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._fault.kind == "slow_save":
+            time.sleep(self._fault.seconds)
+            return len(view) // 2 + self._stream.write(view[len(view) // 2:])
         raise OSError(errno.ENOSPC, "No space left on device (injected by PRETRAIN_FAULTS)")
 
     def __getattr__(self, name: str) -> object:

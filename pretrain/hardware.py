@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -65,6 +67,52 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
                     "(set logging.peak_flops for a datasheet value)", name)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return measure_matmul_flops(device, dtype), f"measured {precision} matmul on {device.type}"
+
+
+PEAK_FILE = "peak_flops.json"
+
+
+def device_name(device: torch.device) -> str:
+    """The device model, to tell whether a stored measurement belongs to this machine."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        models = []
+    return f"cpu {models[0] if models else sys.platform} x{os.cpu_count()}"
+
+
+def mfu_reference(out_dir: Path, device: torch.device, precision: str, configured: float | None,
+                  write: bool) -> tuple[float, str, float | None]:
+    """(peak FLOP/s that MFU divides by, where it comes from, measured matmul FLOP/s or None).
+
+    A measured peak varies with the load of a shared machine (1e11 to 3.8e11 FLOP/s seen on one
+    2-core box), so MFU would jump at every resume: it is measured once per out_dir and kept in
+    out_dir/peak_flops.json (written by the rank that `write`s) while the device and precision
+    stay the same. logging.peak_flops (`configured`) wins over both."""
+    if configured:
+        return configured, "logging.peak_flops", None
+    path = Path(out_dir) / PEAK_FILE
+    key = {"device": device_name(device), "precision": precision}
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = None
+    if isinstance(stored, dict) and {k: stored.get(k) for k in key} == key:
+        return stored["peak_flops"], stored["source"] + f", kept in {path}", stored.get("measured_flops")
+    peak, source = peak_flops(device, precision)
+    measured = None
+    if source.startswith("datasheet"):  # a datasheet peak is also checked against what this device reaches
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        measured = measure_matmul_flops(device, dtype, size=8192, seconds=0.2)
+        source += f"; measured matmul {measured:.3g} FLOP/s, reported as mfu_measured"
+    if write:
+        from pretrain.atomic_dir import write_file
+
+        write_file(path, json.dumps({**key, "peak_flops": peak, "source": source, "measured_flops": measured}))
+    return peak, source, measured
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:

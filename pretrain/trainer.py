@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import CheckpointManager
-from pretrain.checkpoint_layout import complete_checkpoints
+from pretrain.checkpoint_layout import checkpoint_dir, complete_checkpoints
 from pretrain.config import Config, ParallelConfig, config_to_yaml, grad_accum_steps, save_config
 from pretrain.data import TrainData, load_or_train_tokenizer, open_sources, validation_sets
 from pretrain.errors import PREEMPTED_EXIT_CODE, CorruptCheckpoint, PretrainError
@@ -19,7 +19,7 @@ from pretrain.eval_hooks import HookRunner
 from pretrain.evaluation import validation_metrics
 from pretrain.faults import FaultInjector
 from pretrain.generate import generate
-from pretrain.hardware import keep_freed_memory, measure_matmul_flops, memory_gib, peak_flops, resolve_precision
+from pretrain.hardware import keep_freed_memory, memory_gib, mfu_reference, resolve_precision
 from pretrain.memory_advice import oom_message
 from pretrain.metrics import MetricLogger
 from pretrain.models import Transformer, count_params, flops_per_token
@@ -35,7 +35,7 @@ from pretrain.parallel import (
     main_rank_first,
     sum_over_ranks,
 )
-from pretrain.preemption import PreemptionSignals
+from pretrain.preemption import INTERRUPTED_EXIT_CODE, StopNow, StopSignals
 from pretrain.preflight import format_report, run_preflight
 from pretrain.progress import TrainingProgress, progress_enabled
 from pretrain.run_lock import lock_out_dir
@@ -68,8 +68,6 @@ class Trainer:
         preflight.raise_on_failure()
         # One run per out_dir, decided before anything is written there; held by rank 0.
         self.run_lock = lock_out_dir(self.out_dir, self.dist.is_main, any_rank)
-        if self.dist.is_main:
-            save_config(cfg, cfg.out_dir)
         sources = open_sources(cfg.data)  # lists every file: a missing one fails before any compute
         with main_rank_first(self.dist):  # one rank trains a missing tokenizer, the others load it
             self.tokenizer = load_or_train_tokenizer(cfg, sources)
@@ -106,19 +104,14 @@ class Trainer:
         self.hooks = HookRunner(cfg, self.metrics.log, enabled=self.dist.is_main)
 
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        if cfg.logging.peak_flops:
-            self.peak_flops, peak_source = cfg.logging.peak_flops, "logging.peak_flops"
-        else:
-            self.peak_flops, peak_source = peak_flops(self.device, self.precision)
-        self.measured_flops = None  # a datasheet peak is also checked against what this device reaches
-        if peak_source.startswith("datasheet"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-            self.measured_flops = measure_matmul_flops(self.device, dtype, size=8192, seconds=0.2)
-            peak_source += f"; measured matmul {self.measured_flops:.3g} FLOP/s, reported as mfu_measured"
+        self.peak_flops, peak_source, self.measured_flops = mfu_reference(
+            self.out_dir, self.device, self.precision, cfg.logging.peak_flops, write=self.dist.is_main)
         self.step = 0
         self.tokens_seen = 0
-        self.exit_code = 0  # PREEMPTED_EXIT_CODE once a preemption signal stopped the run
+        self.exit_code = 0  # PREEMPTED_EXIT_CODE or INTERRUPTED_EXIT_CODE once a signal stopped the run
         self.resume(resume_candidates)
+        if self.dist.is_main:  # only once the run is known to start: a refused resume keeps the old one
+            save_config(cfg, cfg.out_dir)
         log.info(
             "model: %.2fM parameters (%.2fM without embeddings), %.3g FLOPs/token | %s %s | "
             "global batch %d tokens = %d micro-batches x %d x %d tokens x %d ranks (%s) | peak %.3g FLOP/s (%s)",
@@ -130,15 +123,20 @@ class Trainer:
 
     def train(self) -> int:
         """Run until train.stop_at (or max_steps), with logging, evaluation and samples on
-        intervals; returns the process exit code (PREEMPTED_EXIT_CODE after a preemption signal)."""
+        intervals; returns the process exit code (PREEMPTED_EXIT_CODE after a scheduler's signal,
+        INTERRUPTED_EXIT_CODE after Ctrl-C; both with a checkpoint). A second Ctrl-C raises StopNow."""
         try:
-            with collective_failures_named(self.dist, self.cfg.parallel.timeout_s), PreemptionSignals() as signals:
+            with collective_failures_named(self.dist, self.cfg.parallel.timeout_s), \
+                    StopSignals(announce=self.dist.is_main) as signals:
                 self._train(signals)
         except torch.OutOfMemoryError as exc:
             raise PretrainError(oom_message(self.cfg, self.dist.world_size, self.device)) from exc
+        except KeyboardInterrupt as exc:
+            self.abandon()
+            raise StopNow(str(exc) or self.checkpoints.stopped_at_once(self.step)) from None
         return self.exit_code
 
-    def _train(self, signals: PreemptionSignals) -> None:
+    def _train(self, signals: StopSignals) -> None:
         cfg = self.cfg
         last_step = cfg.train.stop_at or cfg.train.max_steps
         if self.step >= last_step:
@@ -171,7 +169,7 @@ class Trainer:
                 watchdog.beat(f"evaluation and checkpointing after step {self.step}")
                 interval_start += self.run_interval_actions(last_step)  # not training time: excluded
                 if any_rank(signals.requested is not None) and self.step < last_step:
-                    self.stop_for_preemption()
+                    self.stop_for_signal(any_rank(signals.interrupted))
                     return
         self.checkpoints.finish()  # the last checkpoint is published before sampling, which may take long
         if cfg.eval.sample_tokens:
@@ -184,7 +182,8 @@ class Trainer:
         cfg, final = self.cfg, self.step == last_step
         if self.val_sets and (due(self.step, cfg.eval.every) or final):
             self.evaluate()
-        if cfg.checkpoint.every and (due(self.step, cfg.checkpoint.every) or final):
+        stopped_early = final and self.step < cfg.train.max_steps  # train.stop_at saves as a preemption would
+        if (cfg.checkpoint.every and (due(self.step, cfg.checkpoint.every) or final)) or stopped_early:
             self.save_checkpoint()
         self.checkpoints.poll()  # publishes a background write that has completed
         self.run_hooks()
@@ -197,14 +196,22 @@ class Trainer:
             self.hooks.checkpoint_ready(path, step)
         self.hooks.poll()
 
-    def stop_for_preemption(self) -> None:
-        """Save a checkpoint of the step just finished (unless there is one) and stop."""
+    def stop_for_signal(self, interrupted: bool) -> None:
+        """Save a checkpoint of the step just finished (unless there is one) and stop: after
+        Ctrl-C (`interrupted`) for the person to rerun, else for the scheduler to requeue."""
         if self.checkpoints.saved_step != self.step:
             self.save_checkpoint()
         self.close()  # publishes the checkpoint if it is still being written
-        log.warning("preempted: stopped after step %d with a checkpoint; exiting with code %d so the job is "
-                    "requeued (it resumes from that checkpoint)", self.step, PREEMPTED_EXIT_CODE)
+        if interrupted:
+            self.exit_code = INTERRUPTED_EXIT_CODE
+            if self.dist.is_main:
+                log.warning("interrupted: stopped after step %d with a checkpoint (%s); run the same command again "
+                            "to resume from it", self.step, checkpoint_dir(self.checkpoints.root, self.step))
+            return
         self.exit_code = PREEMPTED_EXIT_CODE
+        if self.dist.is_main:
+            log.warning("preempted: stopped after step %d with a checkpoint; exiting with code %d so the job is "
+                        "requeued (it resumes from that checkpoint)", self.step, PREEMPTED_EXIT_CODE)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, Verdict]:
         """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss, the
@@ -355,8 +362,11 @@ class Trainer:
             log.info("skipping the data window of an earlier rollback to step %d (%s)", self.step, self.ledger.path)
 
     def save_checkpoint(self) -> None:
-        blocked = self.checkpoints.save(self.step, self.engine, self.state_dict(), config_to_yaml(self.cfg),
-                                        self.tokenizer.path)
+        try:
+            blocked = self.checkpoints.save(self.step, self.engine, self.state_dict(), config_to_yaml(self.cfg),
+                                            self.tokenizer.path)
+        except KeyboardInterrupt:
+            raise StopNow(self.checkpoints.interrupted_save(self.step)) from None
         if self.cfg.checkpoint.async_save:
             log.info("checkpoint of step %d: training blocked %.2fs, writing it in the background", self.step, blocked)
         self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "checkpoint_blocked_s": blocked,
@@ -368,7 +378,7 @@ class Trainer:
         problems = []
         for path in candidates:
             try:
-                self.load_state_dict(self.checkpoints.load(path, self.engine))
+                self.load_state_dict(self.checkpoints.load(path, self.engine, self.cfg.model))
                 return
             except CorruptCheckpoint as exc:
                 if self.cfg.checkpoint.resume_from:
@@ -382,6 +392,13 @@ class Trainer:
         raise PretrainError("no checkpoint in {} could be loaded:\n  - {}\nStart over with "
                             "--checkpoint.resume=false, or restore a checkpoint".format(
                                 self.checkpoints.root, "\n  - ".join(problems)))
+
+    def abandon(self) -> None:
+        """What a stop without saving still owes: flushed metrics, a free out_dir."""
+        self.metrics.close()
+        self.train_data.close()
+        if self.run_lock is not None and self.checkpoints.pending is None:  # else the writer still uses out_dir
+            self.run_lock.release()
 
     def close(self) -> None:
         self.checkpoints.finish()

@@ -172,3 +172,28 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tiny_config, tmp_
     fresh.close()
     with pytest.raises(PretrainError, match="parameter tok_embeddings.weight has shape"):
         Trainer(tiny_config(checkpoint__init_from=str(path), model__d_model=32, out_dir=str(tmp_path / "c")))
+
+
+def test_resuming_into_a_changed_model_is_refused_with_the_differences(tiny_config):
+    """n_heads 4 -> 2 with n_kv_heads 2 -> 1 keeps every tensor's shape: only the saved config
+    shows that the model would change. A refused attempt leaves out_dir/config.yaml as it was."""
+    cfg = tiny_config(train__max_steps=2, checkpoint__every=2)
+    train(cfg)
+    saved_config = (Path(cfg.out_dir) / "config.yaml").read_bytes()
+    with pytest.raises(PretrainError) as refused:
+        Trainer(tiny_config(train__max_steps=4, model__n_heads=2, model__n_kv_heads=1))
+    assert "model.n_heads: 4 in the checkpoint, 2 now" in str(refused.value)
+    assert "model.n_kv_heads: 2 in the checkpoint, 1 now" in str(refused.value)
+    assert "--checkpoint.allow_model_change=true" in str(refused.value)
+    with pytest.raises(PretrainError, match="model.tie_embeddings: False in the checkpoint, True now") as refused:
+        Trainer(tiny_config(train__max_steps=4, model__tie_embeddings=True))
+    assert "could not be loaded" not in str(refused.value)  # not blamed on the checkpoints
+    assert (Path(cfg.out_dir) / "config.yaml").read_bytes() == saved_config
+    # a longer context (max_seq_len) is no change to the model's definition
+    Trainer(tiny_config(train__max_steps=4, model__max_seq_len=64)).close()
+    # the explicit escape resumes
+    deliberate = Trainer(tiny_config(train__max_steps=4, model__n_heads=2, model__n_kv_heads=1,
+                                     checkpoint__allow_model_change=True))
+    assert deliberate.step == 2
+    deliberate.close()
+    assert "n_heads: 2" in (Path(cfg.out_dir) / "config.yaml").read_text()

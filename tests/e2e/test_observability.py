@@ -115,3 +115,30 @@ def test_tensorboard_gets_the_same_scalars(tmp_path, corpus_file, tokenizer_file
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == losses
     assert "mix_share/corpus" in events.Tags()["scalars"] and "val_bpb" in events.Tags()["scalars"]
+
+
+def test_mfu_keeps_the_peak_measured_at_the_runs_first_start(tmp_path, corpus_file, tokenizer_file, monkeypatch):
+    """A busy machine measures a different peak at each start (1e11, then 3.8e11 FLOP/s): a resumed
+    run keeps dividing by the first, so its MFU does not jump."""
+    import pretrain.hardware
+
+    measurements = iter([1e11, 3.8e11, 3.8e11])
+    monkeypatch.setattr(pretrain.hardware, "measure_matmul_flops", lambda *a, **k: next(measurements))
+    overrides = tiny_overrides(tmp_path / "run", corpus_file, tokenizer_file, train__max_steps=4,
+                               checkpoint__every=2, logging__peak_flops=None)
+    first = Trainer(load_config(None, [*overrides, "--train.stop_at=2"]))
+    first.train()
+    resumed = Trainer(load_config(None, overrides))
+    assert resumed.step == 2 and resumed.peak_flops == first.peak_flops == 1e11
+    resumed.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    mfu_per_token_rate = {r["mfu"] / r["tokens_per_s"] for r in records if "mfu" in r}
+    assert len(records) > 4 and max(mfu_per_token_rate) == pytest.approx(min(mfu_per_token_rate))
+    # another device (or precision) measures again
+    other = Trainer(load_config(None, [*overrides, "--train.max_steps=6"]))
+    assert other.peak_flops == 1e11
+    other.close()
+    monkeypatch.setattr(pretrain.hardware, "device_name", lambda device: "another cpu")
+    moved = Trainer(load_config(None, [*overrides, "--train.max_steps=6"]))
+    assert moved.peak_flops == 3.8e11
+    moved.close()

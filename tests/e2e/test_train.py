@@ -71,11 +71,19 @@ def test_gradient_accumulation_equals_one_large_micro_batch(tiny_config, tmp_pat
 
 
 def test_stop_at_ends_like_a_preemption(tiny_config, tmp_path):
+    """It saves a checkpoint even with checkpointing off, and the rerun without stop_at goes on
+    from there exactly."""
     full = run(tiny_config(train__max_steps=10, out_dir=str(tmp_path / "full")))[1]
-    stopped = run(tiny_config(train__max_steps=10, train__stop_at=4, out_dir=str(tmp_path / "stop")))[1]
+    stop = tmp_path / "stop"
+    stopped = [r for r in run(tiny_config(train__max_steps=10, train__stop_at=4, checkpoint__every=0,
+                                          out_dir=str(stop)))[1] if "loss" in r]
     assert [r["step"] for r in stopped] == [1, 2, 3, 4]
     assert [r["lr"] for r in stopped] == [r["lr"] for r in full[:4]]  # the schedule still spans max_steps
     assert train_losses(stopped) == train_losses(full)[:4]
+    assert [p.name for p in (stop / "checkpoints").glob("step_*")] == ["step_00000004"]
+    records = run(tiny_config(train__max_steps=10, checkpoint__every=0, out_dir=str(stop)))[1]
+    assert train_losses(records) == train_losses(full)  # bit-exact, as every resume
+    assert [p.name for p in (stop / "checkpoints").glob("step_*")] == ["step_00000004"]  # every=0: no more
 
 
 def test_bf16_run_trains(tiny_config):
