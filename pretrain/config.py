@@ -45,12 +45,23 @@ class SourceConfig:
     """One data source of the training mixture."""
 
     name: str = option("", "label used in logs, metrics and prepared shards")
-    path: str = option("", "file, glob or URL (s3://... with s3fs) of .txt/.jsonl/.json[.gz|.zst]/.parquet "
-                           "files, or 'python-docs' (built in)")
+    # A string or a list of strings (the parser takes one type per field; config_checks checks it).
+    path: Any = option("", "file, glob or URL (s3://... with s3fs), or a list of them, of .txt/.jsonl/.json"
+                           "[.gz|.zst]/.parquet files in any mix, or 'python-docs' (built in)")
     weight: float = option(1.0, "relative sampling weight in the mixture (share of training tokens)")
     text_field: str = option("text", "field holding the document text in .jsonl/.parquet files")
     max_epochs: int | None = option(None, "stop with an error instead of starting epoch max_epochs + 1 of this "
                                           "source (null = repeat as needed; every new epoch is logged)")
+
+    @property
+    def patterns(self) -> list[str]:
+        """The paths and globs of `path`, in the order given (a string is a list of one)."""
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    @property
+    def is_builtin(self) -> bool:
+        """Whether `path` names a corpus that ships with the install rather than files."""
+        return isinstance(self.path, str) and self.path in BUILTIN_SOURCES
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,9 @@ class CheckpointConfig:
     init_from: str | None = option(None, "start a new run from these weights (a checkpoint directory, or a `pretrain "
                                          "export` directory of format torch or hf); the optimizer starts fresh. "
                                          "Ignored when the run resumes from a checkpoint of its own")
+    allow_model_change: bool = option(False, "resume although the checkpoint's model section differs from this "
+                                             "config's (a deliberate change, e.g. rope_theta; tensor shapes must "
+                                             "still fit). Without it such a resume is refused with the differences")
 
 
 @dataclass(frozen=True)

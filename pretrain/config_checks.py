@@ -5,7 +5,6 @@ filled in."""
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
 import os
 import re
@@ -13,13 +12,14 @@ import re
 from pretrain.config import (
     BUILTIN_SOURCES,
     PREPARED_MANIFEST,
-    SUPPORTED_FILES,
     Config,
     DataConfig,
     ParallelConfig,
-    data_file_kind,
+    SourceConfig,
 )
-from pretrain.errors import ConfigError
+from pretrain.config_parse import show
+from pretrain.data.files import BAD_PATTERN, has_glob, is_url, matches, pattern_problem
+from pretrain.errors import ConfigError, PretrainError
 from pretrain.models.args import ModelArgs
 
 
@@ -146,29 +146,48 @@ def _check_data(d: DataConfig) -> list[str]:
         if src.max_epochs is not None and src.max_epochs < 1:
             problems.append(f"{key}.max_epochs={src.max_epochs} must be >= 1 (or null for no limit)")
         prepared = d.prepared_source_dir(src.name)
-        if prepared and os.path.isfile(os.path.join(prepared, PREPARED_MANIFEST)):
-            continue  # reads the prepared shards; the raw files may live elsewhere
-        problems += _check_source_path(src.path, f"{key}.path")
+        # a source read from prepared shards needs no raw files here (they may live elsewhere)
+        has_shards = bool(prepared) and os.path.isfile(os.path.join(prepared, PREPARED_MANIFEST))
+        problems += _check_source_path(src, f"{key}.path", check_files=not has_shards)
     return problems
 
 
-def _check_source_path(path: str, key: str) -> list[str]:
-    if path in BUILTIN_SOURCES:
+def _check_source_path(src: SourceConfig, key: str, check_files: bool = True) -> list[str]:
+    """`path` is a built-in corpus name, or a path, glob or URL, or a list of them, whose files
+    exist and are of types the readers take (URLs are listed when the source opens)."""
+    path = src.path
+    if src.is_builtin or (not check_files and path == ""):
         return []
-    if not path:
-        return [f"{key} is empty; give a file, a glob or one of {', '.join(BUILTIN_SOURCES)}"]
-    if data_file_kind(path) is None:
-        return [f"{key}={path!r} has an unsupported file type; use {SUPPORTED_FILES} files "
-                "(or a glob such as 'dir/*.jsonl')"]
-    if "://" in path:
-        return []
-    try:
-        matches = glob.glob(os.path.expanduser(path))
-    except ValueError:  # UnicodeEncodeError included
-        return [f"{key}={path!r} cannot name a file: it holds a NUL character or a lone surrogate; fix the path"]
-    if not any(os.path.isfile(p) for p in matches):
-        return [f"{key}={path!r} matches no file; check the path (relative paths start at {os.getcwd()})"]
-    return []
+    if isinstance(path, str):
+        patterns = [(key, path)]
+    elif isinstance(path, list) and path:
+        patterns = [(f"{key}[{j}]", p) for j, p in enumerate(path)]
+    else:
+        return [f"{key}={show(path)} must be a file, glob or URL, or a list of them (e.g. path: [a/*.jsonl, "
+                f"b/x.parquet]), or one of {', '.join(BUILTIN_SOURCES)}"]
+    problems = []
+    for item_key, pattern in patterns:
+        if pattern == "":
+            problems.append(f"{item_key} is empty; give a file, a glob or a URL"
+                            + ("" if item_key != key else f", or one of {', '.join(BUILTIN_SOURCES)}"))
+        elif not isinstance(pattern, str):
+            problems.append(f"{item_key}={show(pattern)} must be a file, a glob or a URL (a string; quote numbers)")
+        elif pattern in BUILTIN_SOURCES:
+            problems.append(f"{item_key}={pattern!r} is a built-in corpus, not a file: give it a data.sources entry "
+                            f"of its own ({{name: {pattern}, path: {pattern}}})")
+        elif check_files:
+            if is_url(pattern):  # listed when the source opens, not here; only a single file's type is known
+                found = [pattern] if not has_glob(pattern) else None
+            else:
+                try:
+                    found = matches(pattern)
+                except PretrainError:
+                    problems.append(f"{item_key}={pattern!r} {BAD_PATTERN}")
+                    continue
+            problem = pattern_problem(pattern, found) if found is not None else None
+            if problem:
+                problems.append(f"{item_key}={pattern!r} (source {src.name!r}) {problem}")
+    return problems
 
 
 def _check_batch(cfg: Config, world_size: int) -> list[str]:

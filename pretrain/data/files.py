@@ -10,6 +10,7 @@ import io
 import os
 from typing import BinaryIO
 
+from pretrain.config import SUPPORTED_FILES, data_file_kind
 from pretrain.errors import PretrainError
 
 _GLOB_CHARS = set("*?[")
@@ -19,24 +20,65 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
-def expand(pattern: str) -> list[str]:
-    """The files a path or glob names, sorted so that every process sees the same order."""
+BAD_PATTERN = "cannot name a file: it holds a NUL character or a lone surrogate; fix the path"
+
+
+def has_glob(pattern: str) -> bool:
+    return bool(_GLOB_CHARS & set(pattern))
+
+
+def matches(pattern: str) -> list[str]:
+    """The files a path or glob names (none is not an error here), sorted so that every process
+    sees the same order."""
     if not is_url(pattern):
         try:
-            files = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+            return sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
         except ValueError:  # UnicodeEncodeError included
-            raise PretrainError(f"data source path {pattern!r} cannot name a file: it holds a NUL character or a "
-                                "lone surrogate; fix the path") from None
-    else:
-        fs, path = _filesystem(pattern)
-        try:
-            matches = fs.glob(path) if _GLOB_CHARS & set(path) else ([path] if fs.isfile(path) else [])
-        except OSError as exc:
-            raise PretrainError(f"cannot list {pattern!r}: {exc}") from None
-        files = sorted(fs.unstrip_protocol(m) for m in matches if fs.isfile(m))
+            raise PretrainError(f"data source path {pattern!r} {BAD_PATTERN}") from None
+    fs, path = _filesystem(pattern)
+    try:
+        found = fs.glob(path) if has_glob(path) else ([path] if fs.isfile(path) else [])
+    except OSError as exc:
+        raise PretrainError(f"cannot list {pattern!r}: {exc}") from None
+    return sorted(fs.unstrip_protocol(m) for m in found if fs.isfile(m))
+
+
+def pattern_problem(pattern: str, found: list[str]) -> str | None:
+    """What is wrong with one path or glob of a source and the files it matched, as the end of a
+    sentence that starts with the pattern, with the fix; None when every match is readable."""
+    local = not is_url(pattern)
+    if not found and local and os.path.isdir(os.path.expanduser(pattern)):
+        return f"is a directory; use a glob for the files in it, e.g. '{os.path.join(pattern, '*')}'"
+    if not has_glob(pattern) and data_file_kind(pattern) is None:
+        return f"has an unsupported file type; use {SUPPORTED_FILES} files (or a glob such as 'dir/*.jsonl')"
+    if not found:
+        where = f" (relative paths start at {os.getcwd()})" if local else ""
+        return f"matches no file; check the path{where}, or remove it from the source's path"
+    unreadable = [f for f in found if data_file_kind(f) is None]
+    if unreadable:
+        names = ", ".join(os.path.basename(f) for f in unreadable[:5])
+        more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
+        return (f"matches {len(unreadable)} file(s) of an unsupported file type ({names}{more}); a source reads "
+                f"{SUPPORTED_FILES} files in any mix: narrow the glob (e.g. '*.jsonl*') or list the globs "
+                "to read (path: [a/*.jsonl, b/*.parquet])")
+    return None
+
+
+def source_files(source_name: str, patterns: list[str]) -> list[str]:
+    """Every file of a source: each path or glob's matches in sorted order, the patterns in the
+    order given (a file that two patterns match is listed once, where it first appears), so every
+    process sees the same list. Errors name the source, the pattern and the fix."""
+    files: dict[str, None] = {}  # ordered and without repeats
+    for pattern in patterns:
+        found = matches(pattern)
+        problem = pattern_problem(pattern, found)
+        if problem:
+            raise PretrainError(f"data source {source_name!r}: path {pattern!r} {problem}")
+        files.update(dict.fromkeys(found))
     if not files:
-        raise PretrainError(f"data source path {pattern!r} matches no file")
-    return files
+        raise PretrainError(f"data source {source_name!r} has an empty path list; give a file, a glob or a list "
+                            "of them")
+    return list(files)
 
 
 def file_size(path: str) -> int:

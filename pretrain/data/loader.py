@@ -16,10 +16,11 @@ from pretrain.data.fingerprint import ALLOW_OVERRIDE, lanes_reusable, stream_dif
 from pretrain.data.packing import document_ids
 from pretrain.data.prepared import PreparedSource, raw_source
 from pretrain.data.producer import StepPieces
-from pretrain.data.sources import RecordErrors, TextSource
+from pretrain.data.sources import FileSource, RecordErrors, TextSource
 from pretrain.data.stream import IndexedSource, Mixture, StreamPlan, default_lanes
 from pretrain.errors import PretrainError
 from pretrain.parallel.distributed import sum_over_ranks
+from pretrain.preemption import ignore_interrupts
 from tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,8 @@ AnySource = TextSource | PreparedSource
 
 
 def open_sources(data: DataConfig) -> list[AnySource]:
-    """Every configured source, raw (with its chunk table) or prepared; fails on a missing or
-    unreadable file before any compute is spent."""
+    """Every configured source, raw (with its chunk table) or prepared; fails on a missing,
+    unreadable or (for every file of a source) empty file before any compute is spent."""
     sources: list[AnySource] = []
     for cfg in data.sources:
         prepared = data.prepared_source_dir(cfg.name)
@@ -42,7 +43,13 @@ def open_sources(data: DataConfig) -> list[AnySource]:
             sources.append(source)
         else:
             sources.append(raw_source(cfg, data))
+            if isinstance(sources[-1], FileSource):
+                sources[-1].check_empty_files(warn=False)  # TrainData names empty files beside others
     return sources
+
+
+def _worker_started(worker_id: int) -> None:
+    ignore_interrupts()  # a Ctrl-C reaches the workers too; the trainer still needs them to save
 
 
 def _identity(item):
@@ -96,19 +103,27 @@ class TrainData:
         if isinstance(source, PreparedSource):
             source.check_tokenizer(self.tokenizer)
             tokens = source.tokens
-        elif source.total_bytes <= data.in_memory_max_bytes:
+        else:
+            if isinstance(source, FileSource):
+                source.check_empty_files(warn=self.rank == 0)
+            if source.total_bytes > data.in_memory_max_bytes:
+                self.streamed[i] = source
+                items = source.n_chunks * -(-self.plan.n_lanes // source.n_chunks)
+                if items < 4 * self.plan.n_lanes and self.rank == 0:
+                    log.warning("data source %r is streamed in %d chunks by %d lanes: too few per lane to repeat it "
+                                "evenly; prepare it (`pretrain data prepare`), raise data.in_memory_max_bytes above "
+                                "its %d bytes, or lower data.chunk_bytes", source.name, source.n_chunks,
+                                self.plan.n_lanes, source.total_bytes)
+                return
             errors = RecordErrors(source.name, data.on_bad_record)
             tokens = source.all_train_tokens(self.tokenizer, errors)
             self.skipped[i] += errors.skipped
-        else:
-            self.streamed[i] = source
-            items = source.n_chunks * -(-self.plan.n_lanes // source.n_chunks)
-            if items < 4 * self.plan.n_lanes and self.rank == 0:
-                log.warning("data source %r is streamed in %d chunks by %d lanes: too few per lane to repeat it "
-                            "evenly; prepare it (`pretrain data prepare`), raise data.in_memory_max_bytes above its "
-                            "%d bytes, or lower data.chunk_bytes", source.name, source.n_chunks, self.plan.n_lanes,
-                            source.total_bytes)
-            return
+            if len(tokens) < 2 and isinstance(source, FileSource):
+                raise PretrainError(
+                    f"data source {source.name!r} has no training documents in {source.describe_files()}: no "
+                    f"non-blank text (in field {cfg.data.sources[i].text_field!r} of .jsonl/.parquet records), or "
+                    f"data.val_fraction={data.val_fraction} held every document out; check the files and the "
+                    "source's text_field, or remove the source")
         self.indexed[i] = IndexedSource(source.name, tokens, data.seq_len, cfg.train.seed, max_epochs)
 
     def next_step(self) -> list[MicroBatch]:
@@ -153,7 +168,7 @@ class TrainData:
         producer_args = (self.plan, self.mixture, self.streamed, self.indexed, self.data, self.tokenizer,
                          self.cursors, self.positions_by_source - self.window_base)
         loader = DataLoader(StepPieces(worker_lanes, self.step, producer_args), batch_size=None,
-                            num_workers=n_workers, collate_fn=_identity,
+                            num_workers=n_workers, collate_fn=_identity, worker_init_fn=_worker_started,
                             prefetch_factor=self.data.prefetch if n_workers else None)
         self._pieces = iter(loader)
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from pretrain.atomic_dir import publish, temporary_sibling
 from pretrain.config import PREPARED_MANIFEST, Config, DataConfig, SourceConfig
-from pretrain.data.sources import BUILTIN, BuiltinSource, FileSource, RecordErrors, TextSource
+from pretrain.data.sources import BuiltinSource, FileSource, RecordErrors, TextSource
 from pretrain.errors import PretrainError
 from tokenizer import Tokenizer
 
@@ -39,7 +39,7 @@ MANIFEST_TYPES = {"text_field": str, "val_fraction": (int, float), "fingerprint"
 
 
 def raw_source(cfg: SourceConfig, data: DataConfig) -> TextSource:
-    if cfg.path in BUILTIN:
+    if cfg.is_builtin:
         return BuiltinSource(cfg, data.val_fraction, data.on_bad_record, data.chunk_bytes)
     return FileSource(cfg, data.val_fraction, data.on_bad_record, data.chunk_bytes)
 
@@ -132,6 +132,7 @@ def _tokenize_chunk(chunk: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     source, tokenizer = _worker
     errors = RecordErrors(source.name, source.on_bad_record)
     train, val = source.split_documents(chunk, errors)
+    errors.log_skipped()  # from this worker process, once per file
     return (tokenizer.encode_documents(train, num_threads=1), tokenizer.encode_documents(val, num_threads=1),
             len(train), errors.skipped)
 
@@ -191,6 +192,8 @@ def prepare(cfg: Config, tokenizer: Tokenizer, force: bool = False, workers: int
     manifests = []
     for source_cfg in data.sources:
         source = raw_source(source_cfg, data)
+        if isinstance(source, FileSource):
+            source.check_empty_files()
         directory = Path(data.prepared_source_dir(source_cfg.name))
         if not force and is_up_to_date(directory, source, tokenizer, data):
             log.info("%s is up to date (same files and tokenizer); --force rebuilds it", directory)

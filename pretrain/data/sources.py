@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import zlib
@@ -16,11 +17,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pretrain.config import SUPPORTED_FILES, SourceConfig, data_file_kind
+from pretrain.config import SourceConfig, data_file_kind
 from pretrain.data.builtin import python_docs_documents
-from pretrain.data.files import expand, file_size, line_number, open_binary, open_decompressed
+from pretrain.data.files import file_size, line_number, open_binary, open_decompressed, source_files
 from pretrain.errors import PretrainError
 from tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 BUILTIN = {"python-docs": python_docs_documents}
 # A compressed file is read once per chunk it is split into: more parts cost more decompression.
@@ -28,22 +31,51 @@ MAX_COMPRESSED_PARTS = 8
 COMPRESSION_RATIO_GUESS = 4
 
 
+# (source, file) pairs whose skipped records this process has logged: one warning per file and
+# process, however many chunks, lanes or passes (training, validation) meet its bad records.
+_LOGGED_SKIPS: set[tuple[str, str]] = set()
+
+
 class RecordErrors:
     """What to do with a record that cannot be read: stop with an error (`data.on_bad_record:
-    error`) or skip it and count it (`skip`)."""
+    error`) or skip it and count it (`skip`). Skipped records are counted for metrics.jsonl, and
+    `log_skipped()` logs one warning per file with its count and the first one's place and reason
+    (`count_only`: for a pass whose records another pass also reads and logs)."""
 
-    def __init__(self, source_name: str, policy: str):
-        self.source_name, self.policy = source_name, policy
+    def __init__(self, source_name: str, policy: str, count_only: bool = False):
+        self.source_name, self.policy, self.count_only = source_name, policy, count_only
         self.skipped = 0
+        self._unlogged: dict[str, list] = {}  # file -> [records skipped, "at <place>: <reason>" of the first]
 
-    def report(self, where: Callable[[], str], problem: str) -> None:
-        """`where` is only called for the error message: finding a line number re-reads the file."""
+    def report(self, path: str, where: Callable[[], str], problem: str) -> None:
+        """A bad record of file `path`. `where()` is its place in the file ("line 17", or "" when
+        there is none) and is only called for an error or a file's first skip: finding a line
+        number re-reads the file up to it."""
         if self.policy == "skip":
             self.skipped += 1
+            if self.count_only or (self.source_name, path) in _LOGGED_SKIPS:
+                return
+            if path in self._unlogged:
+                self._unlogged[path][0] += 1
+            else:
+                place = where()
+                self._unlogged[path] = [1, f"{' at ' + place if place else ''}: {problem}"]
             return
-        raise PretrainError(f"data source {self.source_name!r}: {where()}: {problem}; fix or remove the "
-                            "record, or set data.on_bad_record=skip to skip such records (they are counted "
-                            "in metrics.jsonl as bad_records)")
+        place = where()
+        raise PretrainError(f"data source {self.source_name!r}: {path}{' ' + place if place else ''}: {problem}; "
+                            "fix or remove the record, or set data.on_bad_record=skip to skip such records (they "
+                            "are counted in metrics.jsonl as bad_records)")
+
+    def log_skipped(self) -> None:
+        """Warn once per file (and process) about the records skipped in it since the last call:
+        how many and the first one; later ones in that file are only counted."""
+        for path, (count, first) in self._unlogged.items():
+            if (self.source_name, path) not in _LOGGED_SKIPS:
+                _LOGGED_SKIPS.add((self.source_name, path))
+                log.warning("data source %r: skipped %d bad record%s in %s (first%s); data.on_bad_record=skip: "
+                            "further ones in this file are counted in metrics.jsonl (bad_records), not logged",
+                            self.source_name, count, "" if count == 1 else "s", path, first)
+        self._unlogged.clear()
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -87,14 +119,16 @@ class TextSource:
                      part: int = 0, parts: int = 1) -> np.ndarray:
         """Token ids of the chunk's training documents in order, each followed by EOS (int32);
         with `parts` > 1 only documents part, part + parts, part + 2 * parts, ..."""
-        if part:  # every part reads the whole chunk; part 0 counts its skipped records
-            errors = RecordErrors(errors.source_name, errors.policy)
+        if part:  # every part reads the whole chunk; part 0 counts and logs its skipped records
+            errors = RecordErrors(errors.source_name, errors.policy, count_only=True)
         train, _ = self.split_documents(chunk, errors)
+        errors.log_skipped()
         return tokenizer.encode_documents(train[part::parts], num_threads=num_threads)
 
     def all_train_tokens(self, tokenizer: Tokenizer, errors: RecordErrors) -> np.ndarray:
         """The training tokens of every chunk in order: the whole source, as prepared shards hold it."""
-        parts = [self.train_tokens(chunk, tokenizer, errors) for chunk in range(self.n_chunks)]
+        parts = [tokenizer.encode_documents(self.split_documents(chunk, errors)[0]) for chunk in range(self.n_chunks)]
+        errors.log_skipped()  # after the whole source, so each file's count is complete
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
     def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
@@ -109,6 +143,7 @@ class TextSource:
                 count += len(parts[-1])
             if count >= max_tokens:
                 break
+        errors.log_skipped()
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
 
@@ -141,15 +176,16 @@ class BuiltinSource(TextSource):
 
 
 class FileSource(TextSource):
-    """Local or remote .txt / .jsonl / .json (optionally .gz / .zst) and .parquet files.
+    """Local or remote .txt / .jsonl / .json (optionally .gz / .zst) and .parquet files, in any
+    mix: the files of every path and glob of the source's `path`, each read by its own type.
 
     A .txt file holds documents separated by blank lines; .jsonl holds one JSON object per line
     with the text in `text_field`; .parquet has the text in column `text_field`."""
 
     def __init__(self, cfg: SourceConfig, val_fraction: float, on_bad_record: str, chunk_bytes: int):
         super().__init__(cfg, val_fraction, on_bad_record)
-        self.files = expand(cfg.path)
-        self.formats = [file_format(path, cfg.name) for path in self.files]
+        self.files = source_files(cfg.name, cfg.patterns)
+        self.formats = [data_file_kind(path) for path in self.files]  # source_files checked each type
         self.sizes = [file_size(path) for path in self.files]
         self._parquet_rows: dict[int, list[int]] = {}  # file -> first row of each row group, and the total
         byte_sizes = list(self.sizes)
@@ -157,6 +193,8 @@ class FileSource(TextSource):
             if kind == "parquet":
                 byte_sizes[i] = self._read_parquet_metadata(i)
         self.total_bytes = sum(byte_sizes)
+        self.empty_files = [f for i, f in enumerate(self.files)
+                            if (self._parquet_rows[i][-1] if i in self._parquet_rows else self.sizes[i]) == 0]
         rows = []
         for i, ((kind, compression), size) in enumerate(zip(self.formats, byte_sizes)):
             if compression:
@@ -169,11 +207,34 @@ class FileSource(TextSource):
                 rows += [(i, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         self.chunks = np.array(rows, dtype=np.int64).reshape(-1, 3)
         self.n_chunks = len(self.chunks)
-        root = os.path.commonpath([os.path.dirname(f) for f in self.files]) if len(self.files) > 1 else \
-            os.path.dirname(self.files[0])
+        try:
+            root = os.path.commonpath([os.path.dirname(f) for f in self.files]) if len(self.files) > 1 else \
+                os.path.dirname(self.files[0])
+        except ValueError:  # a list that mixes absolute and relative paths: keep the paths whole
+            root = ""
         listing = [[os.path.relpath(f, root) if root else f, s] for f, s in zip(self.files, self.sizes)]
         identity = {"text_field": cfg.text_field, "target": chunk_bytes, "files": listing}
         self.fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+    def check_empty_files(self, warn: bool = True) -> None:
+        """Before training on the source or preparing it: stop if every file is empty (0 bytes, or
+        parquet without rows), naming them; with `warn`, name the empty files beside others."""
+        if len(self.empty_files) == len(self.files):
+            raise PretrainError(f"data source {self.name!r}: {self.describe_files()} "
+                                f"{'is' if len(self.files) == 1 else 'are'} empty, so the source holds no documents; "
+                                "fill it, or fix the source's path to name files that hold text")
+        if warn and self.empty_files:
+            log.warning("data source %r: %d of its files %s empty and add no documents: %s", self.name,
+                        len(self.empty_files), "is" if len(self.empty_files) == 1 else "are",
+                        ", ".join(self.empty_files[:5]) + (" ..." if len(self.empty_files) > 5 else ""))
+
+    def describe_files(self, limit: int = 5) -> str:
+        """"a.jsonl" or "its 3 files a.jsonl, b.txt, c.parquet", for messages."""
+        files = self.files
+        if len(files) == 1:
+            return files[0]
+        shown = ", ".join(files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
+        return f"its {len(files)} files {shown}"
 
     def _read_parquet_metadata(self, i: int) -> int:
         """Record the row groups of parquet file i and check its text column; return its
@@ -231,18 +292,18 @@ class FileSource(TextSource):
         except (OSError, EOFError, ValueError, zlib.error) as exc:  # a truncated or corrupt file
             if part and errors.policy == "skip":
                 return  # every part meets the damage; part 0 counts it once
-            errors.report(lambda: path, f"corrupt or truncated {compression} data after byte {offset} of its "
+            errors.report(path, lambda: "", f"corrupt or truncated {compression} data after byte {offset} of its "
                           f"content ({exc}); the rest of the file is unreadable")
 
     def _decode(self, raw: bytes, kind: str, path: str, offset: int, compression: str | None,
                 errors: RecordErrors) -> str | None:
         def where() -> str:
-            return f"{path} line {line_number(path, offset, compression)}"
+            return f"line {line_number(path, offset, compression)}"
 
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            errors.report(where, f"bytes that are not UTF-8 at position "
+            errors.report(path, where, f"bytes that are not UTF-8 at position "
                           f"{exc.start} of the record; convert the file to UTF-8")
             return None
         if kind == "txt":
@@ -252,32 +313,33 @@ class FileSource(TextSource):
         try:
             record = json.loads(text)
         except ValueError as exc:
-            errors.report(where, f"not valid JSON ({exc}); each line must be one JSON object (JSON Lines)")
+            errors.report(path, where, f"not valid JSON ({exc}); each line must be one JSON object (JSON Lines)")
             return None
         except RecursionError:
-            errors.report(where, "JSON nested too deeply to read (hundreds of levels)")
+            errors.report(path, where, "JSON nested too deeply to read (hundreds of levels)")
             return None
-        return self._text_field(record, where, errors)
+        return self._text_field(record, path, where, errors)
 
-    def _text_field(self, record: object, where: Callable[[], str], errors: RecordErrors) -> str | None:
+    def _text_field(self, record: object, path: str, where: Callable[[], str], errors: RecordErrors) -> str | None:
         field = self.cfg.text_field
         if not isinstance(record, dict):
-            errors.report(where, f"a JSON {type(record).__name__}, not an object with a {field!r} field")
+            errors.report(path, where, f"a JSON {type(record).__name__}, not an object with a {field!r} field")
             return None
         if field not in record:
             fields = ", ".join(list(record)[:20]) + (", ..." if len(record) > 20 else "")
-            errors.report(where, f"no field {field!r} (fields: {fields}); set text_field in its data.sources entry")
+            errors.report(path, where, f"no field {field!r} (fields: {fields}); set text_field in its data.sources "
+                          "entry")
             return None
         text = record[field]
         if text is None:
             return None
         if not isinstance(text, str):
-            errors.report(where, f"field {field!r} is a {type(text).__name__}, not text")
+            errors.report(path, where, f"field {field!r} is a {type(text).__name__}, not text")
             return None
         try:  # JSON's \ud800 escapes can make lone surrogates, which no tokenizer takes
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            errors.report(where, f"field {field!r} holds the lone surrogate {text[exc.start]!r} (a \\u escape "
+            errors.report(path, where, f"field {field!r} holds the lone surrogate {text[exc.start]!r} (a \\u escape "
                           "that is not half of a pair), which is not Unicode text")
             return None
         return text
@@ -297,20 +359,12 @@ class FileSource(TextSource):
                     column = parquet.read_row_group(g, columns=[self.cfg.text_field]).column(0)
                     texts = column.slice(lo - starts[g], hi - lo).to_pylist()
                 except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # damaged pages, not UTF-8
-                    where = f"{path} row group {g} (rows {starts[g]}-{starts[g + 1] - 1})"
-                    errors.report(lambda where=where: where, f"damaged data that cannot be read ({exc})")
+                    where = f"row group {g} (rows {starts[g]}-{starts[g + 1] - 1})"
+                    errors.report(path, lambda where=where: where, f"damaged data that cannot be read ({exc})")
                     continue
                 for text in texts:
                     if text and text.strip():
                         yield text
-
-
-def file_format(path: str, source_name: str) -> tuple[str, str | None]:
-    """("txt" | "jsonl" | "parquet", compression) of a data file, from its name."""
-    kind = data_file_kind(path)
-    if kind is None:
-        raise PretrainError(f"data source {source_name!r}: unsupported file type {path!r}; use {SUPPORTED_FILES} files")
-    return kind
 
 
 def _records_in_range(path: str, kind: str, start: int, end: int) -> Iterator[tuple[int, bytes]]:

@@ -39,6 +39,7 @@ def _source_documents(source: TextSource, seed: int) -> Iterator[str]:
         for text in source.documents(order(item)[1], errors):
             if not is_validation(text, source.val_fraction):
                 yield text
+        errors.log_skipped()
 
 
 def load_or_train_tokenizer(cfg: Config, sources: list | None = None) -> Tokenizer:

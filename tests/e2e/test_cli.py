@@ -145,7 +145,7 @@ def test_slurm_script_starts_one_torchrun_per_node_meeting_on_the_first(tmp_path
                     SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="4", PYTHON="python3")
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("srun ")]
-    assert ("python3 -m torch.distributed.run --nnodes 2 --nproc_per_node 4 --max-restarts 3 --rdzv_id 4242 --rdzv_backend c10d "
+    assert ("python3 -m pretrain.torchrun --nnodes 2 --nproc_per_node 4 --max-restarts 3 --rdzv_id 4242 --rdzv_backend c10d "
             "--rdzv_endpoint gpu-node-07:29500 -m pretrain train configs/demo.yaml --parallel.backend=fsdp "
             "--parallel.replicate=2") in line
     for script, first_line in (("slurm.sbatch", "Multi-node launch"), ("torchrun.sh", "Single-node launch")):
@@ -247,3 +247,36 @@ def test_an_out_dir_that_cannot_be_written_stops_the_run_with_the_path(command, 
         result = pretrain(command, "configs/demo.yaml", *tiny_overrides(out_dir, corpus_file, tokenizer_file))
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert f"out_dir {out_dir} {cause}" in result.stdout + result.stderr
+
+
+FORMS = {"script": [str(Path(sys.executable).parent / "pretrain")], "package": [sys.executable, "-m", "pretrain"],
+         "module": [sys.executable, "-m", "pretrain.cli"]}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_every_documented_form_of_the_command_runs_it(form):
+    """`pretrain ...` (the installed script), `python -m pretrain ...` and `python -m pretrain.cli ...`."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*FORMS[form], *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    result = run("config", "configs/demo.yaml", "--train.max_steps=70")
+    assert result.returncode == 0 and "max_steps: 70" in result.stdout, result.stderr[-2000:]
+    result = run("config", "configs/demo.yaml", "--train.max_step=70")
+    assert result.returncode == 2 and "did you mean 'max_steps'?" in result.stderr
+    result = run("--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: pretrain ")
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import version
+
+    result = pretrain("--version")
+    assert result.returncode == 0 and result.stdout == f"pretrain {version('pretrain')}\n"
+
+
+def test_data_prepare_without_prepared_dir_is_a_config_error_before_any_work(tmp_path):
+    result = pretrain("data", "prepare", "configs/demo.yaml", f"--out_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "invalid configuration in configs/demo.yaml" in result.stderr
+    assert "data.prepared_dir is not set" in result.stderr and "--data.prepared_dir=DIR" in result.stderr
+    assert not (tmp_path / "run").exists()  # no tokenizer was trained

@@ -33,8 +33,16 @@ def checkpoint_steps(run: Path) -> list[int]:
 
 
 def train(run: Path, args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """In a process group of its own, as a terminal runs a command: a Ctrl-C reaches the group."""
     return subprocess.Popen([sys.executable, "-m", "pretrain", "train", config_file(run), *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+                            start_new_session=True)
+
+
+def ctrl_c(proc: subprocess.Popen) -> None:
+    """What a terminal does on Ctrl-C: SIGINT to every process of the foreground group (the
+    trainer and its data workers alike)."""
+    os.killpg(proc.pid, signal.SIGINT)
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout_s: float = 120) -> None:
@@ -46,12 +54,14 @@ def wait_for(condition, proc: subprocess.Popen, timeout_s: float = 120) -> None:
 
 
 def test_ctrl_c_saves_after_the_step_and_a_rerun_resumes(tmp_path, corpus_file, tokenizer_file):
-    """Checkpointing is off (checkpoint.every=0), yet no step is lost."""
+    """Checkpointing is off (checkpoint.every=0), yet no step is lost; the data workers, which got
+    the Ctrl-C too, keep serving until the checkpoint is written."""
     run = tmp_path / "run"
-    args = tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=100000, checkpoint__every=0)
+    args = tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=100000, checkpoint__every=0,
+                          data__num_workers=2)
     proc = train(run, args)
     wait_for_step(run, 3, proc)
-    proc.send_signal(signal.SIGINT)
+    ctrl_c(proc)
     stdout, stderr = proc.communicate(timeout=120)
     output = stdout + stderr
     assert proc.returncode == INTERRUPTED_EXIT_CODE, output[-3000:]
@@ -73,9 +83,9 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_is_kept(tmp_path, corpus_fi
     wait_for_step(run, 5, proc)
     wait_for(lambda: checkpoint_steps(run) == [4], proc)
     time.sleep(1.0)  # into step 6's sleep
-    proc.send_signal(signal.SIGINT)
+    ctrl_c(proc)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    ctrl_c(proc)
     stdout, stderr = proc.communicate(timeout=30)  # not the minute of the sleep
     output = stdout + stderr
     assert proc.returncode == INTERRUPTED_EXIT_CODE, output[-3000:]
@@ -92,9 +102,9 @@ def test_ctrl_c_during_a_save_keeps_the_previous_checkpoint_and_says_so(tmp_path
     args = tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=100000, checkpoint__every=4)
     proc = train(run, args, {"PRETRAIN_FAULTS": "slow_save@8:seconds=60"})
     wait_for(lambda: any((run / "checkpoints").glob(".tmp_step_00000008/*.distcp")), proc)
-    proc.send_signal(signal.SIGINT)
+    ctrl_c(proc)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    ctrl_c(proc)
     stdout, stderr = proc.communicate(timeout=30)
     output = stdout + stderr
     assert proc.returncode == INTERRUPTED_EXIT_CODE, output[-3000:]
@@ -110,7 +120,8 @@ def test_ctrl_c_during_a_save_keeps_the_previous_checkpoint_and_says_so(tmp_path
 
 def launch_script(args: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen(["bash", "launch/torchrun.sh", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHON": sys.executable, "NPROC": "2", **env})
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHON": sys.executable, "NPROC": "2", **env},
+                            start_new_session=True)
 
 
 def test_ctrl_c_under_the_launch_script_saves_once_and_ends_quietly(tmp_path, corpus_file, tokenizer_file):
@@ -120,7 +131,7 @@ def test_ctrl_c_under_the_launch_script_saves_once_and_ends_quietly(tmp_path, co
             "--parallel.backend=fsdp", "--train.micro_batch_size=2", "--train.global_batch_sequences=8"]
     proc = launch_script(args)
     wait_for_step(run, 3, proc)
-    proc.send_signal(signal.SIGINT)
+    ctrl_c(proc)
     stdout, stderr = proc.communicate(timeout=180)
     output = stdout + stderr
     assert proc.returncode == INTERRUPTED_EXIT_CODE, output[-3000:]

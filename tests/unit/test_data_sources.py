@@ -194,10 +194,10 @@ def test_corrupt_parquet_and_missing_column_fail_when_the_source_opens(tmp_path)
 
 
 def test_missing_file_and_unsupported_type_are_errors(tmp_path):
-    with pytest.raises(PretrainError, match="matches no file"):
+    with pytest.raises(PretrainError, match=r"data source 's': path '.*nothing-\*\.jsonl' matches no file; check"):
         open_source(tmp_path / "nothing-*.jsonl")
     (tmp_path / "notes.md").write_text("x")
-    with pytest.raises(PretrainError, match="unsupported file type"):
+    with pytest.raises(PretrainError, match=r"data source 's': path .* unsupported file type \(notes\.md\); a source"):
         open_source(tmp_path / "*.md")
     with pytest.raises(PretrainError, match="matches no file"):
         open_source(f"file://{tmp_path}/absent.jsonl")
