@@ -30,7 +30,7 @@ def source_amount(text: str) -> tuple[str, float]:
 
 
 def add_commands(commands: argparse._SubParsersAction, overrides_help: str) -> None:
-    from pretrain.scaling.gpus import DEFAULT_GPU, GPUS
+    from pretrain.scaling.gpus import ALIASES, DEFAULT_GPU, GPUS
     from pretrain.scaling.laws import DEFAULT_LAW, PUBLISHED_LAWS
     from pretrain.scaling.planner import DEFAULT_MFU
 
@@ -53,7 +53,9 @@ def add_commands(commands: argparse._SubParsersAction, overrides_help: str) -> N
     budget.add_argument("--flops", type=amount, help="training compute in FLOPs, e.g. 1e21")
     budget.add_argument("--gpus", type=int, help="number of GPUs (with --days: the budget; alone: the cluster "
                                                  "for memory and days; default 8)")
-    budget.add_argument("--gpu", choices=sorted(GPUS), help=f"GPU type (default {DEFAULT_GPU})")
+    budget.add_argument("--gpu", choices=sorted([*GPUS, *ALIASES]), metavar="GPU",
+                        help=f"GPU type: {', '.join(GPUS)} (default {DEFAULT_GPU}); "
+                             + ", ".join(f"{alias} means {name}" for alias, name in ALIASES.items()))
     budget.add_argument("--days", type=float, help="wall-clock days on --gpus")
     budget.add_argument("--mfu", type=float, default=DEFAULT_MFU,
                         help=f"model FLOPs utilisation assumed (default {DEFAULT_MFU})")
@@ -72,7 +74,9 @@ def add_commands(commands: argparse._SubParsersAction, overrides_help: str) -> N
     plan.add_argument("--vocab-size", type=int, help="vocabulary (default: the --base config's, else 32000)")
     plan.add_argument("--base", metavar="CONFIG", help="config whose data sources and other settings the written "
                                                        "config keeps (source weights come from it)")
-    plan.add_argument("--write", metavar="CONFIG", help="write a config that `pretrain train` runs as it is")
+    plan.add_argument("--write", metavar="CONFIG", help="write a config that `pretrain train` runs as it is, with "
+                                                        "its own out_dir (runs/<CONFIG's name>-<size>, beside the "
+                                                        "--base config's out_dir)")
     plan.add_argument("--force", action="store_true", help="replace the --write file if it exists")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     plan.set_defaults(run=run_plan)
@@ -84,7 +88,9 @@ def add_commands(commands: argparse._SubParsersAction, overrides_help: str) -> N
         description="For each --flops budget, train --sizes model sizes (tokens-per-parameter ~3 to ~120) with the "
                     "config's data, batch and optimizer, each evaluated at its last step. Runs one after the other "
                     "here, skipping finished ones, or --commands prints one launch command per run for a cluster. "
-                    "Then: pretrain scaling fit SWEEP_DIR.")
+                    "Then: pretrain scaling fit SWEEP_DIR.\n\nexample:\n  pretrain scaling sweep my.yaml --flops 1e17 "
+                    "3e17 1e18 --commands --launcher 'torchrun --nproc_per_node 8 -m pretrain train'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("config", help="YAML config with your data mix")
     sweep.add_argument("overrides", nargs="*", help=overrides_help)
     sweep.add_argument("--flops", type=amount, nargs="+", required=True, metavar="C",
@@ -93,8 +99,8 @@ def add_commands(commands: argparse._SubParsersAction, overrides_help: str) -> N
     sweep.add_argument("--out-dir", default="runs/sweep", help="where the runs go (default runs/sweep)")
     sweep.add_argument("--commands", action="store_true", help="print the launch commands instead of running")
     sweep.add_argument("--launcher", default="pretrain train",
-                       help="command that --commands lines start with, e.g. 'torchrun --nproc_per_node 8 -m "
-                            "pretrain.cli train'")
+                       help="command that --commands lines start with (default 'pretrain train'), e.g. "
+                            "'python -m pretrain train' or 'torchrun --nproc_per_node 8 -m pretrain train'")
     sweep.set_defaults(run=run_sweep, accepts_overrides=True)
 
     fit = scaling.add_parser(
@@ -124,13 +130,16 @@ def run_presets(args: argparse.Namespace, extra: list[str]) -> int:
 def run_plan(args: argparse.Namespace, extra: list[str]) -> int:
     from pretrain.config import load_config
     from pretrain.config_parse import load_yaml_text
-    from pretrain.scaling.plan_output import format_plan, plan_json, write_plan_config
+    from pretrain.scaling.plan_output import (check_writable, format_plan, out_dir_note, plan_json, plan_out_dir,
+                                              write_plan_config)
     from pretrain.scaling.planner import PlanRequest, make_plan
 
+    if args.write:
+        check_writable(args.write, args.force)  # before any planning: an existing file costs nothing
     base_yaml, weights, seq_len, vocab = None, {}, args.seq_len, args.vocab_size
     if args.base:
         cfg = load_config(args.base)  # validated: its errors show before planning
-        base_yaml = load_yaml_text(Path(args.base).read_text()) or {}
+        base_yaml = load_yaml_text(Path(args.base).read_text(encoding="utf-8")) or {}
         weights = {s.name: s.weight for s in cfg.data.sources}
         seq_len, vocab = seq_len or cfg.data.seq_len, vocab or cfg.model.vocab_size
         unknown = sorted(set(dict(args.source)) - set(weights))
@@ -142,14 +151,16 @@ def run_plan(args: argparse.Namespace, extra: list[str]) -> int:
                           seq_len=seq_len, vocab_size=vocab or 32000, source_tokens=dict(args.source),
                           source_weights=weights, price_per_gpu_hour=args.price_per_gpu_hour)
     plan = make_plan(request)
+    out_dir = plan_out_dir(plan, args.write, base_yaml) if args.write else None
     if args.json:
-        print(json.dumps(plan_json(plan), indent=2))
+        print(json.dumps({**plan_json(plan), "out_dir": out_dir}, indent=2))
     else:
         print(format_plan(plan))
     if args.write:
         command = "pretrain plan " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        path = write_plan_config(plan, args.write, base_yaml, command, force=args.force)
-        print(f"wrote {path}; check it in seconds on a CPU with the smoke-test command at its top", file=sys.stderr)
+        path = write_plan_config(plan, args.write, base_yaml, command, force=args.force, out_dir=out_dir)
+        print(f"wrote {path}; {out_dir_note(out_dir, base_yaml)}; check it in seconds on a CPU with the smoke-test "
+              "command at its top", file=sys.stderr)
     return 0
 
 

@@ -26,11 +26,25 @@ GPUS = {spec.name: spec for spec in (
     GpuSpec("mi300x", 1307e12, 192),    # MI300X 192GB HBM3
 )}
 DEFAULT_GPU = "h100"
+# Common names that leave the memory size out: the larger card, which is what clusters mostly have.
+ALIASES = {"a100": "a100-80gb"}
 
 
 def gpu_spec(name: str) -> GpuSpec:
+    """The GPU called `name` (a name of GPUS or an alias such as a100 -> a100-80gb)."""
     try:
-        return GPUS[name.lower()]
+        return GPUS[ALIASES.get(name.lower(), name.lower())]
     except KeyError:
-        raise PretrainError(f"--gpu {name!r} is not a known GPU; choose one of {', '.join(GPUS)} "
+        raise PretrainError(f"--gpu {name!r} is not a known GPU; choose one of {', '.join([*GPUS, *ALIASES])} "
                             "(or give the budget as --flops)") from None
+
+
+def alias_note(name: str | None) -> str | None:
+    """What an alias was read as, e.g. "--gpu a100 is read as a100-80gb (80 GiB); give --gpu
+    a100-40gb for the 40 GB card"; None for a full name."""
+    if name is None or name.lower() not in ALIASES:
+        return None
+    spec = gpu_spec(name)
+    others = [other for other in GPUS if other.startswith(name.lower() + "-") and other != spec.name]
+    return (f"--gpu {name} is read as {spec.name} ({spec.memory_gib:.0f} GiB)"
+            + "".join(f"; give --gpu {other} for the {GPUS[other].memory_gib:.0f} GB card" for other in others))

@@ -24,13 +24,14 @@ SMOKE_OVERRIDES = ("--train.max_steps=2 --model.n_layers=2 --model.d_model=64 --
 
 
 def plan_rows(plan: Plan) -> list[tuple[str, str]]:
-    shape = plan.shape
+    shape, better = plan.shape, plan.better
     rows = [
         ("budget", plan.budget_note),
         ("law", f"{plan.law.name} ({plan.law.source})"),
         ("shape", f"{shape_summary(shape)} vocab {shape.vocab_size}, seq {plan.seq_len}"),
         ("parameters", count(plan.params) + (f" CAPPED: {plan.cap_ratio:.1f}x below the {count(plan.target_params)} "
                                               "asked for (see the warning below)" if plan.capped else "")),
+        *([("requested", plan.rounding)] if plan.rounding else []),
         ("tokens", f"{count(plan.tokens)} ({plan.tokens / plan.params:.1f} per parameter)"),
         ("training FLOPs", f"{plan.flops:.3g}"),
         ("global batch", f"{count(plan.global_batch_tokens)} tokens = {plan.global_batch_tokens // plan.seq_len} "
@@ -40,7 +41,12 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
         ("predicted loss", f"{plan.predicted_loss:.3f} nats/token on the law's data"
                            + (f" ({count(plan.effective_tokens)} tokens' worth after repetition)"
                               if plan.effective_tokens < plan.tokens else "")),
-        ("hardware", f"{plan.gpus} x {plan.gpu.describe()} at {plan.mfu:.0%} MFU"),
+        *([("better plan", f"{count(better.params)} parameters on {count(better.tokens)} tokens "
+                           f"({better.tokens / better.params:.1f} per parameter): predicted loss "
+                           f"{better.predicted_loss:.3f} for the same compute (see the warning below)")]
+          if better else []),
+        ("hardware", f"{plan.gpus} x {plan.gpu.describe()} at {plan.mfu:.0%} MFU"
+                     + (f"; {plan.gpu_note}" if plan.gpu_note else "")),
         ("wall clock", f"{plan.days:.2f} days ({plan.days * 24 * plan.gpus:,.0f} GPU-hours)"),
     ]
     if plan.cost is not None:
@@ -71,7 +77,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def plan_json(plan: Plan) -> dict:
-    shape = plan.shape
+    shape, better = plan.shape, plan.better
     return {
         "params": plan.params, "tokens": plan.tokens, "flops": plan.flops,
         "global_batch_tokens": plan.global_batch_tokens, "lr": plan.lr, "steps": plan.steps, "days": plan.days,
@@ -93,13 +99,30 @@ def plan_json(plan: Plan) -> dict:
                                 "micro_batch_size": f.micro_batch} for f in plan.layouts},
         "warnings": plan.warnings,
         "target_params": plan.target_params, "capped": plan.capped,
+        "requested_params": plan.requested_params, "shape_rounding": plan.rounding, "gpu_note": plan.gpu_note,
+        "better_plan": ({"params": better.params, "tokens": better.tokens,
+                         "tokens_per_param": better.tokens / better.params, "predicted_loss": better.predicted_loss,
+                         "loss_gain": plan.predicted_loss - better.predicted_loss, "flops": better.flops,
+                         "shape": shape_summary(better.shape)} if better else None),
     }
 
 
-def plan_config(plan: Plan, base: dict | None = None) -> dict:
-    """The config sections a plan decides, laid over `base` (a config's YAML mapping)."""
+def plan_out_dir(plan: Plan, write_path: str | Path, base: dict | None) -> str:
+    """The written plan's own run directory, named after the --write file and the model size,
+    beside the base config's: never the base's, which training the plan would resume from."""
+    base_dir = (base or {}).get("out_dir")
+    parent = Path(base_dir).parent if base_dir else Path("runs")
+    out_dir = str(parent / f"{Path(write_path).stem}-{count(plan.params).lower()}")
+    return out_dir + "-plan" if out_dir == base_dir else out_dir
+
+
+def plan_config(plan: Plan, base: dict | None = None, out_dir: str | None = None) -> dict:
+    """The config sections a plan decides, laid over `base` (a config's YAML mapping); `out_dir`
+    replaces the base's."""
     cfg = copy.deepcopy(base or {})
     model = plan_json(plan)["model"]
+    if out_dir:
+        cfg["out_dir"] = out_dir
     cfg.setdefault("out_dir", f"runs/{count(plan.params).lower()}")
     cfg["model"] = {**(cfg.get("model") or {}), **model}
     cfg["model"].pop("max_seq_len", None)
@@ -124,17 +147,40 @@ def plan_config(plan: Plan, base: dict | None = None) -> dict:
     return dict(sorted(cfg.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
 
 
-def write_plan_config(plan: Plan, path: str, base: dict | None, command: str, force: bool = False) -> Path:
-    """Write the plan's config with the plan as a comment on top, after checking that `pretrain
-    train` accepts it; never replaces an existing file unless `force`."""
+def check_writable(path: str | Path, force: bool = False) -> None:
+    """Refuse an existing --write file unless `force`: called before anything is planned or printed."""
+    if Path(path).exists() and not force:
+        raise PretrainError(f"{path} exists; choose another --write path or add --force to replace it")
+
+
+def out_dir_note(out_dir: str, base: dict | None) -> str:
+    """Where training the written plan goes, and why not into the base config's out_dir."""
+    base_dir = (base or {}).get("out_dir")
+    note = f"out_dir {out_dir}: the plan's own run directory"
+    if base_dir:
+        note += f", not the base config's {base_dir}, whose checkpoints training the plan would resume from"
+        if not (base.get("tokenizer") or {}).get("path"):
+            note += (f"; it trains its own tokenizer there unless you set tokenizer.path (e.g. to "
+                     f"{Path(base_dir) / 'tokenizer.model'}, the base run's)")
+    return note
+
+
+def write_plan_config(plan: Plan, path: str, base: dict | None, command: str, force: bool = False,
+                      out_dir: str | None = None) -> Path:
+    """Write the plan's config (UTF-8) with the plan as a comment on top, after checking that
+    `pretrain train` accepts it; never replaces an existing file unless `force`. `out_dir`
+    (default: plan_out_dir) is the run directory the config names."""
     out = Path(path)
-    if out.exists() and not force:
-        raise PretrainError(f"{out} exists; choose another --write path or add --force to replace it")
+    check_writable(out, force)
+    out_dir = out_dir or plan_out_dir(plan, out, base)
     comment = [f"# Planned by `{command}`", "# " + "-" * 70]
     comment += [f"# {name}: {value}" for name, value in plan_rows(plan)]
+    comment += [f"# {out_dir_note(out_dir, base)}"]
     comment += [f"# WARNING: {w}" for w in plan.warnings]
     comment += ["# Smoke-test it on a CPU in seconds before launching:",
                 f"#   pretrain train {out.name} {SMOKE_OVERRIDES} --out_dir=/tmp/plan-smoke", ""]
-    text = "\n".join(comment) + yaml.safe_dump(plan_config(plan, base), sort_keys=False, default_flow_style=None)
+    # allow_unicode: a base config's non-ASCII text (a Chinese sample prompt) stays readable, not \u escapes
+    text = "\n".join(comment) + yaml.safe_dump(plan_config(plan, base, out_dir), sort_keys=False,
+                                               default_flow_style=None, allow_unicode=True)
     # the written config must train as it is: checked before it is published
     return write_file(out, text, check=lambda tmp: load_config(str(tmp), world_size=1))

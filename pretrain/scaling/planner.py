@@ -11,11 +11,11 @@ MFU; the predicted loss from the law with repeated data discounted (Muennighoff 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pretrain.errors import PretrainError
 from pretrain.models.args import ModelArgs, count_params, flops_per_token
-from pretrain.scaling.gpus import DEFAULT_GPU, GpuSpec, gpu_spec
+from pretrain.scaling.gpus import DEFAULT_GPU, GpuSpec, alias_note, gpu_spec
 from pretrain.scaling.laws import (
     DEFAULT_LAW,
     SAFE_EPOCHS,
@@ -27,7 +27,7 @@ from pretrain.scaling.laws import (
     load_law,
 )
 from pretrain.scaling.memory import GIB, TrainingMemory, training_memory
-from pretrain.scaling.shapes import largest_shape, nearby_shapes, shape_for_params
+from pretrain.scaling.shapes import largest_shape, nearby_shapes, shape_for_params, shapes_around
 
 # Layouts in order of preference when several fit: least communication first.
 LAYOUTS = (("ddp", 0), ("fsdp", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3))
@@ -37,6 +37,11 @@ MAX_MICRO_BATCH = 16
 RUNTIME_RESERVE_GIB, FRAGMENTATION = 2.0, 0.10
 DEFAULT_MFU = 0.40
 MAX_WARMUP_STEPS = 2000  # DeepSeek LLM's warmup, for which its learning-rate fit holds
+# A fixed size or token count is flagged when the compute-optimal plan for the same compute
+# predicts a loss lower by at least this (nats): a chosen threshold that lets sizes within about
+# 2x of the optimum pass quietly (at 7.32e21 FLOPs, optimum 7.24B: 5.24B and 14.2B pass, 3.63B
+# and 16.4B are flagged; tests/unit/test_planner.py).
+MIN_LOSS_GAIN = 0.01
 
 
 def count(value: float) -> str:
@@ -45,6 +50,16 @@ def count(value: float) -> str:
         if abs(value) >= size:
             return f"{value / size:.3g}{unit}"
     return f"{value:.3g}"
+
+
+def duration(days: float) -> str:
+    """21.1 s, 5.96 min, 1.89 h, 26.8 days: a wall-clock time at a glance."""
+    seconds = days * 86400
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if seconds >= size or unit == "s":
+            value = seconds / size
+            return f"{value:#.3g}".rstrip(".") + f" {unit}" if value < 1000 else f"{value:,.0f} {unit}"
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,10 @@ class Plan:
     warnings: list[str]
     target_params: float | None = None  # the size the law (or --params) asked for, before the shape rule
     capped: bool = False  # the law asked for more than the family's largest shape
+    requested_params: float | None = None  # --params as given
+    rounding: str | None = None  # why the planned size differs from --params (the shape rule's steps)
+    gpu_note: str | None = None  # what a GPU alias (--gpu a100) was read as
+    better: Plan | None = None  # the compute-optimal plan for the same compute, if it predicts a lower loss
 
     @property
     def cap_ratio(self) -> float:
@@ -189,11 +208,55 @@ def make_plan(request: PlanRequest) -> Plan:
     cost = gpus * days * 24 * r.price_per_gpu_hour if r.price_per_gpu_hour is not None else None
     if not hardware_budget:
         note += f"; days for {gpus} x {gpu.name} at {r.mfu:.0%} MFU"
+    loss = law.loss(n_params, d_eff)
+    better = _better_plan(r, budget, flops, seq_len, loss)
+    if better is not None:
+        warnings.append(_better_warning(r, n_params, tokens, loss, better, budget))
+    rounding = None
+    if r.params is not None and not capped and n_params != round(r.params):
+        rounding = rounding_reason(r.params, n_params, shape.vocab_size)
     return Plan(law=law, shape=shape, params=n_params, tokens=tokens, flops=flops, seq_len=seq_len,
                 global_batch_tokens=batch_tokens, steps=steps, lr=deepseek_lr(core_flops), warmup_steps=warmup,
-                predicted_loss=law.loss(n_params, d_eff), effective_tokens=d_eff, gpus=gpus, gpu=gpu, mfu=r.mfu,
+                predicted_loss=loss, effective_tokens=d_eff, gpus=gpus, gpu=gpu, mfu=r.mfu,
                 days=days, cost=cost, layouts=layouts, chosen=chosen, budget_note=note, warnings=warnings,
-                target_params=n_target, capped=capped)
+                target_params=n_target, capped=capped, requested_params=r.params, rounding=rounding,
+                gpu_note=alias_note(r.gpu), better=better)
+
+
+def rounding_reason(requested: float, n_params: int, vocab_size: int) -> str:
+    """Why --params `requested` became `n_params`: the family's shapes on either side of it, and
+    what sets the step between them."""
+    below, above = shapes_around(requested, vocab_size)
+    sizes = ", ".join(f"d{s.d_model} L{s.n_layers} is {count(count_params(s))}" for s in (below, above))
+    return (f"{count(requested)}, rounded {n_params / requested - 1:+.1%} to the family's nearest shape ({sizes}; "
+            f"widths step by {above.d_model - below.d_model} here, a multiple of the {above.head_dim}-wide heads, "
+            "and depth, heads and MLP width follow from the width: scaling/shapes.py)")
+
+
+def _better_plan(r: PlanRequest, budget: float | None, flops: float, seq_len: int, loss: float) -> Plan | None:
+    """The compute-optimal plan for the same compute (the budget, else the plan's own FLOPs) when
+    --params or --tokens fixed the plan and that one predicts a loss lower by MIN_LOSS_GAIN."""
+    if r.params is None and r.tokens is None:
+        return None
+    same_compute = replace(r, params=None, tokens=None, inference_tokens=0.0, seq_len=seq_len,
+                           flops=r.flops if budget is not None else flops)
+    better = make_plan(same_compute)
+    return better if better.predicted_loss <= loss - MIN_LOSS_GAIN else None
+
+
+def _better_warning(r: PlanRequest, n_params: int, tokens: float, loss: float, better: Plan,
+                    budget: float | None) -> str:
+    fixed = " and ".join(f"--{name} {count(value)}" for name, value in (("params", r.params), ("tokens", r.tokens))
+                         if value is not None)
+    how = (f"drop {fixed} to plan it" if budget is not None
+           else f"`pretrain plan --flops {better.flops:.3g} --seq-len {better.seq_len}` plans it")
+    text = (f"with {fixed} the plan trains {count(n_params)} parameters on {tokens / n_params:.1f} tokens per "
+            f"parameter; the compute-optimal plan for the same compute, {count(better.params)} parameters on "
+            f"{count(better.tokens)} tokens ({better.tokens / better.params:.1f} per parameter), predicts a loss of "
+            f"{better.predicted_loss:.3f} instead of {loss:.3f}: {how}")
+    if n_params < better.params:
+        text += " (a smaller model can still be right if it will serve many tokens: see --inference-tokens)"
+    return text
 
 
 def _target_size(r: PlanRequest, law: ScalingLaw, budget: float | None) -> tuple[float, str, str]:

@@ -13,7 +13,7 @@ import yaml
 
 from pretrain.atomic_dir import write_file
 from pretrain.scaling.plan_output import count, plan_config, plan_rows
-from pretrain.scaling.planner import Plan, PlanRequest, make_plan
+from pretrain.scaling.planner import Plan, PlanRequest, duration, make_plan
 from pretrain.scaling.shapes import shape_summary
 
 PRESET_SIZES = {"20m": 20e6, "75m": 75e6, "125m": 125e6, "350m": 350e6, "760m": 760e6, "1b": 1e9, "1.3b": 1.3e9,
@@ -41,7 +41,8 @@ def preset_text(name: str) -> str:
     base = {"out_dir": f"runs/{name}", "data": {"sources": [{"name": "python-docs", "path": "python-docs",
                                                             "weight": 1.0}]},
             "logging": {"every": 10}}
-    comment = "".join(f"# {key}: {value}\n" for key, value in plan_rows(plan) if key != "budget")
+    # "requested" (the rounding to the family's shape) is the first comment line's size already
+    comment = "".join(f"# {key}: {value}\n" for key, value in plan_rows(plan) if key not in ("budget", "requested"))
     return (f"# Preset {name}: {count(plan.params)} parameters, compute-optimal tokens.\n" + HEADER + comment
             + yaml.safe_dump(plan_config(plan, base), sort_keys=False, default_flow_style=None))
 
@@ -52,7 +53,7 @@ def write_presets(directory: str | Path = PRESETS_DIR) -> list[Path]:
 
 def presets_table() -> list[str]:
     header = (f"{'preset':>6} {'params':>7} {'shape':<34} {'seq':>5} {'tokens':>7} {'FLOPs':>8} {'batch':>6} "
-              f"{'lr':>8} {'steps':>7} {'H100s':>5} {'layout':<18} {'GiB/GPU':>7} {'days':>6}")
+              f"{'lr':>8} {'steps':>7} {'H100s':>5} {'layout':<18} {'GiB/GPU':>7} {'wall clock':>10}")
     rows = [header, "-" * len(header)]
     for name in PRESET_SIZES:
         p = preset_plan(name)
@@ -60,5 +61,5 @@ def presets_table() -> list[str]:
         memory = p.chosen.memory.total / 2**30 if p.chosen else float("nan")
         rows.append(f"{name:>6} {count(p.params):>7} {shape_summary(p.shape):<34} {p.seq_len:>5} "
                     f"{count(p.tokens):>7} {p.flops:8.2e} {count(p.global_batch_tokens):>6} {p.lr:8.2e} "
-                    f"{p.steps:>7,} {p.gpus:>5} {layout:<18} {memory:7.1f} {p.days:6.3g}")
+                    f"{p.steps:>7,} {p.gpus:>5} {layout:<18} {memory:7.1f} {duration(p.days):>10}")
     return rows

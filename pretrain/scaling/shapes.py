@@ -90,6 +90,14 @@ def shape_summary(args: ModelArgs) -> str:
             + (" tied" if args.tie_embeddings else ""))
 
 
+def shapes_around(n_params: float, vocab_size: int = 32000) -> tuple[ModelArgs, ModelArgs]:
+    """The family's neighbouring shapes with fewer and with more parameters than `n_params` (the
+    two smallest or largest at the family's ends): what a request is rounded between."""
+    ds, log_sizes = _ladder(vocab_size)
+    i = min(max(1, bisect.bisect_left(log_sizes, math.log(max(n_params, 1.0)))), len(ds) - 1)
+    return shape_for_width(ds[i - 1], vocab_size), shape_for_width(ds[i], vocab_size)
+
+
 def nearby_shapes(args: ModelArgs, k: int = 2) -> list[ModelArgs]:
     """The family's shapes up to `k` widths narrower and wider than `args` (itself included)."""
     ds = widths()

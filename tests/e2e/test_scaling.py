@@ -4,12 +4,16 @@ fits a law that the planner then uses."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pretrain.cli import main
+from pretrain.cli import build_parser, main
 from pretrain.scaling.plan_output import SMOKE_OVERRIDES
 from tests.conftest import TEST_VOCAB
 
@@ -71,3 +75,37 @@ def test_sweep_runs_an_isoflop_grid_on_cpu_then_fit_draws_it_and_the_planner_use
     metrics = {run: (run / "metrics.jsonl").read_text() for run in runs}
     assert main(args) == 0  # a rerun finds every run finished and trains nothing
     assert metrics == {run: (run / "metrics.jsonl").read_text() for run in runs}
+
+
+def test_every_launch_command_the_sweep_prints_trains_its_run(tmp_path, tokenizer_file, capsys):
+    """The default launcher, and each one `scaling sweep --help` shows (torchrun on 1 process
+    here), runs the printed line as it is in a shell: a run directory with its final val_loss."""
+    with pytest.raises(SystemExit):
+        main(["scaling", "sweep", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    examples = re.findall(r"'([^']*-m pretrain[^']*)'", help_text)
+    assert "pretrain.cli" not in help_text and "python -m pretrain train" in examples
+    assert "torchrun --nproc_per_node 8 -m pretrain train" in examples
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    for i, launcher in enumerate(["pretrain train", *(e.replace("--nproc_per_node 8", "--nproc_per_node 1")
+                                                      for e in sorted(set(examples)))]):
+        sweep = tmp_path / f"sweep{i}"
+        # 1e10 FLOPs: the smallest shape trains 14 steps, the next too few (left out)
+        assert main(["scaling", "sweep", str(REPO / "configs" / "demo.yaml"), "--flops", "1e10", "--sizes", "2",
+                     "--out-dir", str(sweep), "--launcher", launcher, "--commands", *small_vocabulary(tokenizer_file),
+                     "--data.seq_len=64", "--train.global_batch_tokens=2048", "--train.micro_batch_size=32",
+                     "--train.precision=fp32", "--train.device=cpu", "--logging.every=0", "--eval.batches=2"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        (command,) = [line for line in lines if not line.startswith("#")]
+        assert command.startswith(launcher + " ")
+        result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, (command, result.stderr[-3000:])
+        (run,) = [p for p in sweep.iterdir() if p.is_dir()]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert any(r.get("step") == 14 and "val_loss" in r for r in records), command
+        fit = [line for line in lines if line.startswith("# then: ")]
+        assert fit == [f"# then: pretrain scaling fit {sweep}"]
+        args = build_parser().parse_args(shlex.split(fit[0].removeprefix("# then: "))[1:])
+        assert args.runs == [str(sweep)]

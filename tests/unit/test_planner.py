@@ -12,7 +12,7 @@ from pretrain.errors import PretrainError
 from pretrain.models.args import count_params, flops_per_token
 from pretrain.scaling.gpus import GPUS
 from pretrain.scaling.laws import BESIROGLU
-from pretrain.scaling.planner import PlanRequest, make_plan
+from pretrain.scaling.planner import PlanRequest, duration, make_plan
 from pretrain.scaling.presets import PRESET_SIZES, PRESETS_DIR, preset_text
 from pretrain.scaling.shapes import largest_shape, nearby_shapes, shape_for_params, shape_for_width, widths
 
@@ -164,7 +164,7 @@ def test_plan_keeps_the_base_config_and_checks_its_source_names(tmp_path, capsys
     assert main(["plan", "--base", str(base), "--params", "350M", "--source", "finance=1B", "--write", str(out)]) == 0
     assert "'finance' would be repeated" in capsys.readouterr().out
     cfg = load_config(str(out))
-    assert cfg.out_dir == "runs/bank" and [s.name for s in cfg.data.sources] == ["finance", "general"]
+    assert cfg.out_dir == "runs/plan-347m" and [s.name for s in cfg.data.sources] == ["finance", "general"]
     assert cfg.data.seq_len == 1024
     assert main(["plan", "--base", str(base), "--flops", "1e20", "--source", "legal=1B"]) == 1
     assert "['legal'] are not sources of" in capsys.readouterr().err
@@ -190,7 +190,131 @@ def test_a_written_config_that_fails_its_check_is_not_published(tmp_path, monkey
 
     out = tmp_path / "plan.yaml"
     out.write_text("# the user's own file\n")
-    monkeypatch.setattr(plan_output, "plan_config", lambda plan, base: {"train": {"max_steps": -1}})
+    monkeypatch.setattr(plan_output, "plan_config", lambda plan, base, out_dir: {"train": {"max_steps": -1}})
     with pytest.raises(PretrainError, match="train.max_steps=-1"):
         plan_output.write_plan_config(make_plan(PlanRequest(flops=1e20)), str(out), None, "pretrain plan", force=True)
     assert out.read_text() == "# the user's own file\n" and [p.name for p in tmp_path.iterdir()] == ["plan.yaml"]
+
+
+@pytest.mark.parametrize("asked, planned, rounding, neighbours", [
+    ("13B", 14_169_297_920, "13B, rounded +9.0% to the family's nearest shape",
+     "d4864 L38 is 11.9B, d5120 L40 is 14.2B; widths step by 256 here, a multiple of the 128-wide heads"),
+    ("70B", 66_014_556_672, "70B, rounded -5.7% to the family's nearest shape",
+     "d8704 L68 is 66B, d9216 L72 is 79.4B; widths step by 512 here"),
+])
+def test_a_requested_size_says_it_was_rounded_to_the_familys_shape_and_why(asked, planned, rounding, neighbours,
+                                                                           capsys):
+    assert main(["plan", "--params", asked, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["params"] == planned and plan["requested_params"] == pytest.approx(float(asked[:-1]) * 1e9)
+    assert plan["shape_rounding"].startswith(rounding) and neighbours in plan["shape_rounding"]
+    assert main(["plan", "--params", asked]) == 0
+    table = capsys.readouterr().out
+    assert f"requested  {rounding} (" in table and neighbours in table
+
+    assert main(["plan", "--flops", "1e21", "--json"]) == 0  # the law's size was not asked for: nothing to explain
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["requested_params"] is None and plan["shape_rounding"] is None
+    assert main(["plan", "--flops", "1e21"]) == 0
+    assert "requested" not in capsys.readouterr().out
+
+
+def test_a_fixed_size_that_wastes_the_budget_warns_and_shows_the_better_plan(capsys):
+    budget = ["--gpus", "16", "--gpu", "a100-80gb", "--days", "10"]
+    assert main(["plan", "--params", "13B", *budget, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    optimal = make_plan(PlanRequest(gpus=16, gpu="a100-80gb", days=10, seq_len=plan["seq_len"]))
+    better = plan["better_plan"]
+    assert better["params"] == optimal.params == 3_631_918_080 and better["tokens"] == optimal.tokens
+    assert better["predicted_loss"] == pytest.approx(optimal.predicted_loss)
+    assert plan["predicted_loss"] - better["predicted_loss"] == pytest.approx(better["loss_gain"])
+    assert better["loss_gain"] > 0.05
+    warning = ("with --params 13B the plan trains 14.2B parameters on 1.3 tokens per parameter; the compute-optimal "
+               "plan for the "
+               "same compute, 3.63B parameters on 67.8B tokens (18.7 per parameter), predicts a loss of 2.273 "
+               "instead of 2.326: drop --params 13B to plan it")
+    assert warning in plan["warnings"]
+
+    assert main(["plan", "--params", "13B", *budget]) == 0
+    table = capsys.readouterr().out
+    assert ("better plan  3.63B parameters on 67.8B tokens (18.7 per parameter): predicted loss 2.273 for the "
+            "same compute") in table and f"WARNING: {warning}" in table
+
+    # a size and token count that fix the compute: the hint names the budget to plan with instead
+    small = make_plan(PlanRequest(params=125e6, tokens=1e12))
+    assert small.better is not None and small.better.params > small.params
+    assert any(w.startswith("with --params 125M and --tokens 1T the plan trains 117M parameters on 8575.8 tokens")
+               and "`pretrain plan --flops 9.26e+20 --seq-len 2048` plans it" in w and "--inference-tokens" in w
+               for w in small.warnings)
+
+
+@pytest.mark.parametrize("request_kwargs", [
+    {"params": 7e9},  # tokens from the law: already compute-optimal
+    {"params": 7e9, "gpus": 8, "days": 26.8},  # the 7b preset's own budget
+    {"flops": 1e21},  # the law chose the size
+    {"params": 5e9, "flops": 7.32e21}, {"params": 14e9, "flops": 7.32e21},  # within ~2x of the optimum, 7.24B
+])
+def test_a_plan_near_the_optimum_proposes_no_other(request_kwargs):
+    plan = make_plan(PlanRequest(**request_kwargs))
+    assert plan.better is None and not any("compute-optimal plan for the same compute" in w for w in plan.warnings)
+
+
+@pytest.mark.parametrize("params", [4e9, 16e9])
+def test_a_size_over_2x_from_the_optimum_is_flagged(params):
+    plan = make_plan(PlanRequest(params=params, flops=7.32e21))
+    assert plan.better.params == 7_241_732_096 and plan.predicted_loss - plan.better.predicted_loss >= 0.01
+
+
+def test_a_written_plan_has_its_own_out_dir_and_keeps_non_ascii_text(tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text("out_dir: /data/runs/bank\ndata:\n  sources:\n    - {name: finance, path: python-docs}\n"
+                    "eval:\n  sample_prompts: ['银行的利率是', 'Zürich']\n", encoding="utf-8")
+    out = tmp_path / "bank-big.yaml"
+    assert main(["plan", "--base", str(base), "--params", "350M", "--write", str(out)]) == 0
+    err = capsys.readouterr().err
+    cfg = load_config(str(out))
+    assert cfg.out_dir == "/data/runs/bank-big-347m"  # beside the base's run, named after the file and the size
+    assert cfg.eval.sample_prompts == ["银行的利率是", "Zürich"]
+    text = out.read_bytes().decode("utf-8")  # UTF-8, and readable: no \u escapes
+    assert "银行的利率是" in text and "Zürich" in text and "\\u" not in text and "\\xFC" not in text
+    note = "out_dir /data/runs/bank-big-347m: the plan's own run directory, not the base config's /data/runs/bank"
+    assert note in err and f"# {note}" in text
+
+    plain = tmp_path / "plan.yaml"
+    assert main(["plan", "--flops", "1e20", "--write", str(plain), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["out_dir"] == "runs/plan-760m" == load_config(str(plain)).out_dir
+
+
+def test_an_existing_write_file_is_refused_before_anything_is_planned(tmp_path, capsys, monkeypatch):
+    import pretrain.scaling.planner as planner
+
+    out = tmp_path / "plan.yaml"
+    out.write_text("# mine\n")
+    monkeypatch.setattr(planner, "make_plan", lambda request: pytest.fail("planned although the file exists"))
+    assert main(["plan", "--params", "13B", "--write", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and out.read_text() == "# mine\n"
+    assert captured.err == f"error: {out} exists; choose another --write path or add --force to replace it\n"
+    monkeypatch.undo()
+    assert main(["plan", "--params", "125M", "--write", str(out), "--force"]) == 0
+    assert load_config(str(out)).model.d_model == 768
+
+
+def test_gpu_a100_is_the_80gb_card_and_the_plan_says_so(capsys):
+    assert main(["plan", "--flops", "1e21", "--gpu", "a100", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    note = "--gpu a100 is read as a100-80gb (80 GiB); give --gpu a100-40gb for the 40 GB card"
+    assert plan["gpu"] == "a100-80gb" and plan["gpu_note"] == note
+    assert main(["plan", "--flops", "1e21", "--gpu", "a100"]) == 0
+    assert f"8 x a100-80gb (312 TFLOP/s bf16, 80 GiB) at 40% MFU; {note}" in capsys.readouterr().out
+    assert main(["plan", "--flops", "1e21", "--gpu", "a100-40gb", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpu_note"] is None
+
+
+def test_presets_show_wall_clock_in_human_units(capsys):
+    assert [duration(d) for d in (0.000244, 0.00414, 0.0788, 0.649, 1.2, 26.78, 1234.5)] == [
+        "21.1 s", "5.96 min", "1.89 h", "15.6 h", "1.20 days", "26.8 days", "1,234 days"]
+    assert main(["presets"]) == 0
+    rows = {row.split()[0]: row for row in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["20m"].endswith("  21.1 s") and rows["7b"].endswith("  26.8 days")
+    assert "0.000244" not in rows["20m"]
