@@ -12,7 +12,7 @@ from pretrain.atomic_dir import write_file
 from pretrain.config import Config, load_config
 from pretrain.errors import PretrainError
 from pretrain.scaling.memory import GIB
-from pretrain.scaling.planner import Plan, count
+from pretrain.scaling.planner import Plan, count, duration
 from pretrain.scaling.shapes import shape_summary
 
 # A plan's config shrunk to a model and batch that train in seconds on a CPU: what the planner
@@ -47,7 +47,7 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
           if better else []),
         ("hardware", f"{plan.gpus} x {plan.gpu.describe()} at {plan.mfu:.0%} MFU"
                      + (f"; {plan.gpu_note}" if plan.gpu_note else "")),
-        ("wall clock", f"{plan.days:.2f} days ({plan.days * 24 * plan.gpus:,.0f} GPU-hours)"),
+        ("wall clock", f"{duration(plan.days)} ({gpu_hours(plan.days * 24 * plan.gpus)} GPU-hours)"),
     ]
     if plan.cost is not None:
         rows.append(("cost", f"${plan.cost:,.0f}"))
@@ -184,3 +184,8 @@ def write_plan_config(plan: Plan, path: str, base: dict | None, command: str, fo
                                                default_flow_style=None, allow_unicode=True)
     # the written config must train as it is: checked before it is published
     return write_file(out, text, check=lambda tmp: load_config(str(tmp), world_size=1))
+
+
+def gpu_hours(hours: float) -> str:
+    """5,143 or 0.047: whole hours once there are many, two significant digits below ten."""
+    return f"{hours:,.0f}" if hours >= 10 else f"{hours:.2g}"
