@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pretrain.errors import PretrainError
@@ -26,9 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     except PretrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return report_interruption(exc)
+
+
+def report_interruption(exc: KeyboardInterrupt) -> int:
+    """Say once (rank 0 of a torchrun job) what a Ctrl-C that stopped at once cost."""
+    from pretrain.preemption import INTERRUPTED_EXIT_CODE
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+    return INTERRUPTED_EXIT_CODE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pretrain", description="Pretrain a Llama-style base model on your own data.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"pretrain {package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = commands.add_parser(
@@ -129,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--watch", metavar="OUT_DIR", help="a training run's out_dir to follow")
     evaluate.add_argument("--interval", type=float, default=60.0, help="seconds between looks for new checkpoints")
     evaluate.add_argument("--once", action="store_true", help="with --watch: evaluate what is there, then exit")
+    evaluate.add_argument("--json", action="store_true",
+                          help="print the checkpoint's record as one JSON object (for scripts) instead of a line")
     evaluate.set_defaults(run=run_eval, accepts_overrides=True)
 
     from pretrain.report import add_command as add_report_command
@@ -139,11 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def package_version() -> str:
+    """The installed package's version (pyproject.toml's, through the package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pretrain")
+    except PackageNotFoundError:
+        return "(version unknown: not installed; pip install -e .)"
+
+
 def _load(args: argparse.Namespace, extra: list[str]):
     from pretrain.config import load_config
 
     overrides = [*args.overrides, *extra]
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if cfg.eval.hooks:  # a hook module may sit beside the config, as a script's modules sit beside it
+        from pretrain.eval_hooks import add_hook_dir
+
+        add_hook_dir(os.path.dirname(os.path.abspath(args.config)))
+    return cfg
 
 
 def run_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -155,7 +182,12 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     dist = dist_info_from_env(cfg.train.device)
     setup_logging(dist.rank, cfg.logging.all_ranks)
-    code = Trainer(cfg, dist).train()
+    try:
+        code = Trainer(cfg, dist).train()
+    except KeyboardInterrupt as exc:
+        if dist.world_size == 1:
+            raise
+        code = report_interruption(exc)
     if dist.world_size > 1:
         exit_process(code)  # everything is written; see exit_process for why not a normal exit
     return code
@@ -202,9 +234,14 @@ def run_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 
     from pretrain.data import load_or_train_tokenizer
     from pretrain.data.prepared import prepare
+    from pretrain.errors import ConfigError
     from pretrain.log_setup import setup_logging
 
     cfg = _load(args, extra)
+    if not cfg.data.prepared_dir:  # checked before the tokenizer is trained or a source is read
+        raise ConfigError(["data.prepared_dir is not set: it is the directory `pretrain data prepare` writes the "
+                           "token shards to; set it in the config or pass --data.prepared_dir=DIR, e.g. "
+                           "--data.prepared_dir=/data/prepared"], args.config)
     setup_logging()
     # The tokenizer is trained on (and the sources are read from) the raw files, never the shards.
     raw = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared_dir=None))
@@ -244,17 +281,20 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     import json
     from pathlib import Path
 
-    from pretrain.evaluation import append_record, evaluate_checkpoint, watch
+    from pretrain.evaluation import append_record, describe_record, evaluate_checkpoint, watch
     from pretrain.log_setup import setup_logging
 
     overrides = [*args.overrides, *extra]
     if bool(args.checkpoint) == bool(args.watch):
         raise PretrainError("give a checkpoint directory, or --watch OUT_DIR, e.g. pretrain eval --watch runs/demo")
-    setup_logging()
+    if args.json and args.watch:
+        raise PretrainError("--json prints the record of one checkpoint; --watch appends every record to "
+                            "OUT_DIR/eval/validation.jsonl, read that instead")
+    setup_logging(stream=sys.stderr if args.json else None)  # with --json, stdout holds the JSON alone
     if args.checkpoint:
         record = evaluate_checkpoint(args.checkpoint, overrides)
         append_record(Path(args.checkpoint).resolve().parent.parent, record)
-        print(json.dumps(record))
+        print(json.dumps(record) if args.json else describe_record(record))
         return 0
     from pretrain.config import load_config
 
@@ -273,3 +313,7 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
             tracker.close()
     print(f"evaluated {len(records)} checkpoint(s); records in {Path(args.watch) / 'eval' / 'validation.jsonl'}")
     return 0
+
+
+if __name__ == "__main__":  # `python -m pretrain.cli ...`, as `pretrain ...` and `python -m pretrain ...`
+    sys.exit(main())

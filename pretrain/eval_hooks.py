@@ -6,13 +6,16 @@ its step and the run's Config; a dict of numbers it returns is logged like any o
 (under `eval/<function>/<key>`) and appended to out_dir/eval/<function>.jsonl. With
 `eval.hooks_async` the hooks run one at a time in a separate process and training does not wait;
 their results are logged when they arrive. A hook that raises is logged with its traceback and
-training goes on. Hooks are imported only from what the config names."""
+training goes on. Hooks are imported only from what the config names: a module installed or on
+PYTHONPATH, or a file beside the config file (`pretrain train` puts the config's directory on the
+search path, after everything else, as Python does for a script's directory)."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 import multiprocessing
+import sys
 import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -21,9 +24,18 @@ from typing import Callable
 from pretrain.config import Config
 from pretrain.errors import ConfigError
 from pretrain.evaluation import append_record
+from pretrain.preemption import ignore_interrupts
 from pretrain.tracking import flatten
 
 log = logging.getLogger("pretrain")
+
+
+def add_hook_dir(directory: str) -> None:
+    """Let hooks be imported from modules in `directory` (the config file's). Appended to
+    sys.path, so a file there never shadows an installed module; a hook process spawned by
+    eval.hooks_async inherits sys.path."""
+    if directory not in sys.path:
+        sys.path.append(directory)
 
 
 def resolve_hook(spec: str) -> Callable:
@@ -32,8 +44,8 @@ def resolve_hook(spec: str) -> Callable:
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError([f"eval.hooks entry {spec!r} cannot be imported ({exc}); check the module is on "
-                           "PYTHONPATH and the function name"]) from None
+        raise ConfigError([f"eval.hooks entry {spec!r} cannot be imported ({exc}); check that the module is "
+                           "beside the config file, installed or on PYTHONPATH, and the function name"]) from None
     if not callable(function):
         raise ConfigError([f"eval.hooks entry {spec!r} is not a function"])
     return function
@@ -63,7 +75,9 @@ class HookRunner:
         self.pending: list[tuple[str, int, Future]] = []
         self.pool = None
         if self.specs and cfg.eval.hooks_async:
-            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            # the terminal's Ctrl-C reaches this process too; the trainer decides what it means
+            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=ignore_interrupts)
 
     def checkpoint_ready(self, checkpoint: Path, step: int) -> None:
         for spec in self.specs:

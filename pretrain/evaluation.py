@@ -90,6 +90,14 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] = ()) -> di
     return {"step": manifest["step"], "tokens": manifest.get("tokens_seen"), "checkpoint": str(checkpoint), **metrics}
 
 
+def describe_record(record: dict) -> str:
+    """`evaluated CHECKPOINT (step 400): val_loss 3.1234 (ppl 22.73, 1.234 bits/byte) | fin ppl 18.20`:
+    one readable line for a record of evaluate_checkpoint."""
+    line = (f"evaluated {record['checkpoint']} (step {record['step']}): val_loss {record['val_loss']:.4f} "
+            f"(ppl {record['val_ppl']:.2f}, {record['val_bpb']:.3f} bits/byte)")
+    return " | ".join([line, *(f"{name} ppl {ppl:.2f}" for name, ppl in record.get("val_ppl_by_source", {}).items())])
+
+
 def evaluated_steps(out_dir: Path) -> set[int]:
     """Steps whose checkpoints already have a validation record in out_dir/eval/."""
     path = out_dir / EVAL_DIR / VALIDATION_FILE
@@ -129,8 +137,7 @@ def watch(out_dir: str | Path, overrides: list[str] = (), interval_s: float = 60
             append_record(out_dir, record)
             done.add(record["step"])
             records.append(record)
-            log.info("evaluated %s: val_loss %.4f (ppl %.2f, %.3f bits/byte)", checkpoint, record["val_loss"],
-                     record["val_ppl"], record["val_bpb"])
+            log.info("%s", describe_record(record))
             if on_record:
                 on_record(record)
         if once or (stop_after_step is not None and stop_after_step in done):

@@ -50,7 +50,9 @@ class MetricLogger:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        log.info(format_record(record))
+        line = format_record(record)
+        if line:
+            log.info(line)
         for tracker in self.trackers:
             tracker.write(record)
 
@@ -64,7 +66,9 @@ class MetricLogger:
 
 
 def format_record(r: dict) -> str:
-    """`step 20/200 | loss 5.1234 | lr 3.00e-04 | ...` for a training or validation record."""
+    """`step 20/200 | loss 5.1234 | lr 3.00e-04 | ...` for a training or validation record,
+    `step 10 | eval/finance_terms/acc 0.41` for an eval hook's numbers; "" for a record with
+    nothing to show beyond its step (a checkpoint's timing: the checkpoint code logs its own line)."""
     parts = [f"step {r['step']}" + (f"/{r['max_steps']}" if "max_steps" in r else "")]
     if "loss" in r:
         parts.append(f"loss {r['loss']:.4f}")
@@ -84,7 +88,13 @@ def format_record(r: dict) -> str:
         parts.append(f"mem {r['memory_gib']:.2f} GiB")
     if "eta_s" in r:
         parts.append(f"ETA {format_duration(r['eta_s'])}")
-    return " | ".join(parts)
+    parts += [f"{key} {format_number(value)}" for key, value in r.items() if key.startswith("eval/")]
+    return " | ".join(parts) if len(parts) > 1 else ""
+
+
+def format_number(value: float) -> str:
+    """An eval hook's number as it came (an int whole, a float to 5 significant digits)."""
+    return f"{value:,}" if isinstance(value, int) else f"{value:.5g}"
 
 
 def format_duration(seconds: float) -> str:

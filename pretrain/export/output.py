@@ -5,6 +5,7 @@ directory that looks complete (and an existing one untouched)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -37,3 +38,11 @@ def atomic_output(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     publish(tmp, out_dir)
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file the mode a plain open() would (0o666 less the umask, so 0644 under umask 022):
+    safetensors writes through a private temporary file and leaves its output 0600."""
+    umask = os.umask(0)  # reading the umask means setting it; put back at once
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)

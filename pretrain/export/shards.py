@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from pretrain.errors import PretrainError
+from pretrain.export.output import follow_umask
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -59,6 +60,7 @@ def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], sizes: Mappin
         pending[name] = tensor.contiguous()
         if len(pending) == len(plan[written]):
             save_file(pending, str(out_dir / files[written]), metadata={"format": "pt"})
+            follow_umask(out_dir / files[written])
             progress(f"wrote {files[written]} ({len(pending)} tensors)")
             pending, written = {}, written + 1
     if written != len(plan):

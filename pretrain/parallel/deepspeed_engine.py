@@ -26,6 +26,7 @@ from pretrain.atomic_dir import publish, temporary_sibling
 from pretrain.checkpoint_layout import DEEPSPEED_DIR, check_shapes, read_manifest
 from pretrain.config import Config, grad_accum_steps
 from pretrain.errors import PretrainError
+from pretrain.log_setup import output_captured
 from pretrain.optim import build_optimizer, parameter_groups
 from pretrain.parallel.distributed import barrier
 from pretrain.parallel.engine import WrapFile
@@ -92,14 +93,20 @@ class DeepSpeedEngine:
         warnings.filterwarnings("ignore", category=FutureWarning,
                                 message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
         ds_config = deepspeed_config(cfg, world_size, bf16, on_gpu=device.type == "cuda")
-        if cfg.parallel.offload_optimizer:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
+        with building_ops(cfg.parallel.offload_optimizer):
+            # What deepspeed.initialize does first (here, so that its compiler probes and the
+            # shared-memory op it builds on CPUs print into the capture, not the log).
+            from deepspeed.accelerator import get_accelerator
 
-            o = cfg.optim
-            optimizer = DeepSpeedCPUAdam(parameter_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                         adamw_mode=True)
-        else:
-            optimizer = build_optimizer(model, cfg.optim, device)
+            deepspeed.init_distributed(get_accelerator().communication_backend_name(), dist_init_required=False)
+            if cfg.parallel.offload_optimizer:
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                o = cfg.optim
+                optimizer = DeepSpeedCPUAdam(parameter_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2),
+                                             eps=o.eps, adamw_mode=True)
+            else:
+                optimizer = build_optimizer(model, cfg.optim, device)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                     dist_init_required=False)
         self.writes = _RecordedWrites(self.engine)
@@ -192,6 +199,42 @@ class DeepSpeedEngine:
         if loaded is None:
             raise PretrainError(f"{path / DEEPSPEED_DIR} holds no DeepSpeed state; the checkpoint is damaged, "
                                 "resume from an earlier one with --checkpoint.resume_from")
+
+
+# DeepSpeed's C++ ops we use, built by torch's JIT loader the first time on a machine.
+OP_NAMES = {"cpu_adam": "CPU Adam", "deepspeed_shm_comm": "shared-memory communication"}
+
+
+def ops_to_build(offload_optimizer: bool) -> dict[str, Path]:
+    """name -> build directory of each op this job needs that is neither installed prebuilt nor
+    built already: DeepSpeedCPUAdam's with optimizer offload, and the shared-memory collectives
+    deepspeed.comm builds when its accelerator is the CPU."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory  # torch's rule for where load() builds
+
+    wanted = (["CPUAdamBuilder"] if offload_optimizer else []) + ["ShareMemCommBuilder"]
+    builders = [b for b in map(get_accelerator().create_op_builder, wanted) if b is not None]
+    missing = {}
+    for builder in builders:
+        directory = Path(_get_build_directory(builder.NAME, verbose=False))
+        if not installed_ops.get(builder.NAME) and not (directory / f"{builder.NAME}.so").is_file():
+            missing[builder.NAME] = directory
+    return missing
+
+
+@contextlib.contextmanager
+def building_ops(offload_optimizer: bool) -> Iterator[None]:
+    """Say in one line which of DeepSpeed's C++ ops are being built (once per machine, a minute
+    each) and keep the compiler's output out of the log; shown only if the block fails."""
+    missing = ops_to_build(offload_optimizer)
+    if missing:
+        ops = " and ".join(OP_NAMES.get(name, name) for name in missing)
+        where = ", ".join(str(d) for d in missing.values())
+        log.info("building DeepSpeed's %s op%s once (about a minute%s; cached in %s)", ops,
+                 "s" if len(missing) > 1 else "", " each" if len(missing) > 1 else "", where)
+    with output_captured(f"building DeepSpeed's ops ({', '.join(missing)})" if missing else "setting up DeepSpeed"):
+        yield
 
 
 class _RecordedWrites:

@@ -4,6 +4,9 @@ and `pretrain eval` of a checkpoint or of a whole run, reproducing the in-loop v
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -61,8 +64,8 @@ def test_pretrain_eval_reproduces_the_in_loop_validation_and_watch_catches_up_on
     assert Trainer(load_config(None, overrides)).train() == 0
     in_loop = {r["step"]: r for r in lines(run / "metrics.jsonl") if "val_loss" in r}
 
-    assert main(["eval", str(run / "checkpoints" / "step_00000004")]) == 0
-    record = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run / "checkpoints" / "step_00000004"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)  # the record alone: log lines went to stderr
     assert record["step"] == 4 and record["tokens"] == in_loop[4]["tokens"]
     assert record["val_loss"] == pytest.approx(in_loop[4]["val_loss"], abs=1e-5)
     assert record["val_bpb"] == pytest.approx(in_loop[4]["val_bpb"], abs=1e-5)
@@ -81,3 +84,37 @@ def test_pretrain_eval_reproduces_the_in_loop_validation_and_watch_catches_up_on
     assert [r["step"] for r in ppl] == [2, 4] and ppl[1]["ppl"] < ppl[0]["ppl"] * 1.5 and ppl[1]["bpb"] > 0
     samples = (run / "eval" / "samples_step_00000004.txt").read_text()
     assert "=== 'The ' ===" in samples and "=== 'def ' ===" in samples
+
+    assert main(["eval", str(run / "checkpoints" / "step_00000002")]) == 0  # a readable line by default
+    assert (f"evaluated {run / 'checkpoints' / 'step_00000002'} (step 2): val_loss {watched[2]['val_loss']:.4f} "
+            f"(ppl {watched[2]['val_ppl']:.2f}, {watched[2]['val_bpb']:.3f} bits/byte)\n") in capsys.readouterr().out
+    assert main(["eval", "--watch", str(run), "--json"]) == 1
+    assert "--json prints the record of one checkpoint" in capsys.readouterr().err
+
+
+# A hook module that is only beside the config: neither installed nor on sys.path.
+BESIDE_THE_CONFIG = """
+def score(checkpoint, step, config, scale=1.0):
+    return {"acc": 0.125 * scale, "checked": step, "note": "text: kept in the jsonl only"}
+"""
+
+
+@pytest.mark.parametrize("hooks_async", [False, True], ids=["in-process", "async"])
+def test_a_hook_beside_the_config_is_found_and_its_numbers_reach_the_console(tmp_path, corpus_file, tokenizer_file,
+                                                                             hooks_async):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "finance_terms.py").write_text(BESIDE_THE_CONFIG)
+    config = configs / "run.yaml"
+    config.write_text("eval:\n  hooks: [finance_terms:score]\n  hook_options:\n    finance_terms:score: {scale: 2}\n")
+    overrides = tiny_overrides(tmp_path / "run", corpus_file, tokenizer_file, train__max_steps=4, checkpoint__every=2,
+                               eval__hooks_async=hooks_async)
+    result = subprocess.run([sys.executable, "-m", "pretrain", "train", str(config), *overrides], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step in (2, 4):
+        assert re.search(rf"^\S+ step {step} \| eval/score/acc 0.25 \| eval/score/checked {step}$", result.stdout,
+                         re.M), result.stdout
+    assert "step 4/4 | loss " in result.stdout
+    assert not re.findall(r"^\S+ step \d+(/\d+)?\s*$", result.stdout, re.M)  # a line per record with numbers only
+    assert [r["note"] for r in lines(tmp_path / "run" / "eval" / "score.jsonl")] == ["text: kept in the jsonl only"] * 2

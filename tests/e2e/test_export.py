@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,26 @@ def test_torch_format_round_trip(name, dcp_runs, tmp_path):
     assert_same_weights(load_weights(out), weights)
     assert_same_weights(load_weights(out / "model.pt"), weights)
     assert load_config(str(out / "config.yaml"), [], world_size=1).model.tie_embeddings == (name == "tied")
+
+
+def test_exported_files_follow_the_umask(dcp_runs, tmp_path):
+    """safetensors writes through a private temporary file (0600); the export's files, like any
+    file the user writes, get 0666 less the umask (directories 0777 less it), whatever writes them."""
+    ckpt, _ = dcp_runs["tied"]
+    previous = os.umask(0o022)
+    try:
+        outs = {(0o644, 0o755): [export_hf(ckpt, tmp_path / "hf", parity=False), export_torch(ckpt, tmp_path / "pt"),
+                                 export_hf(ckpt, tmp_path / "shards", max_shard_bytes=100_000, parity=False)]}
+        os.umask(0o027)
+        outs[0o640, 0o750] = [export_hf(ckpt, tmp_path / "group", parity=False)]
+    finally:
+        os.umask(previous)
+    for (file_mode, dir_mode), dirs in outs.items():
+        for out in dirs:
+            files = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
+            assert any(name.endswith(".safetensors") or name == "model.pt" for name in files)
+            assert set(files.values()) == {oct(file_mode)}, files
+            assert stat.S_IMODE(out.stat().st_mode) == dir_mode
 
 
 def test_export_needs_neither_the_runs_data_nor_its_tokenizer_path(dcp_runs, tmp_path, tokenizer_file):

@@ -54,19 +54,24 @@ def wait_for(condition, proc: subprocess.Popen, timeout_s: float = 120) -> None:
 
 
 def test_ctrl_c_saves_after_the_step_and_a_rerun_resumes(tmp_path, corpus_file, tokenizer_file):
-    """Checkpointing is off (checkpoint.every=0), yet no step is lost; the data workers, which got
-    the Ctrl-C too, keep serving until the checkpoint is written."""
+    """No step is lost; the data workers and the background eval-hook process, which got the
+    Ctrl-C too, keep serving until the last checkpoint is written and evaluated."""
     run = tmp_path / "run"
-    args = tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=100000, checkpoint__every=0,
-                          data__num_workers=2)
+    hook_log = tmp_path / "hooks.jsonl"
+    args = tiny_overrides(run, corpus_file, tokenizer_file, train__max_steps=100000, checkpoint__every=3,
+                          data__num_workers=2, eval__hooks="[tests.e2e.recording_hooks:record]", eval__hooks_async=True,
+                          eval__hook_options=f"{{tests.e2e.recording_hooks:record: {{log_file: '{hook_log}'}}}}")
     proc = train(run, args)
-    wait_for_step(run, 3, proc)
+    wait_for(lambda: hook_log.exists(), proc)  # the hook process is up
+    wait_for_step(run, 4, proc)
     ctrl_c(proc)
     stdout, stderr = proc.communicate(timeout=120)
     output = stdout + stderr
     assert proc.returncode == INTERRUPTED_EXIT_CODE, output[-3000:]
     stopped = checkpoint_steps(run)[-1]
-    assert stopped >= 3 and stopped == max(losses(run))  # every step trained is in the checkpoint
+    assert stopped >= 4 and stopped == max(losses(run))  # every step trained is in the checkpoint
+    assert "Traceback" not in output and "failed" not in output, output[-3000:]
+    assert json.loads(hook_log.read_text().splitlines()[-1])["step"] == stopped
     assert output.count("Press Ctrl-C again to stop at once without saving") == 1
     assert f"interrupted: stopped after step {stopped} with a checkpoint" in output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
