@@ -180,7 +180,8 @@ def demo_model_tokens_per_s(out_dir: str, steps: int = 8) -> float:
     from pretrain.trainer import Trainer
 
     overrides = [f"--out_dir={out_dir}/demo", "--eval.every=0", "--eval.sample_tokens=0", "--logging.every=0",
-                 "--checkpoint.every=0", "--data.num_workers=0", f"--tokenizer.path={out_dir}/demo.model"]
+                 "--checkpoint.every=0", "--data.num_workers=0", f"--tokenizer.path={out_dir}/demo.model",
+                 "--model.n_layers=6"]  # the shape of the README's figures (the demo has 4 layers since 2026-12)
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), overrides, world_size=1)
     trainer = Trainer(cfg)
     trainer.train_step()

@@ -34,7 +34,8 @@ def val_loss_after(steps: int, precision: str, seed: int, tokenizer_dir: Path) -
         overrides = [f"--out_dir={out_dir}", f"--train.precision={precision}", f"--train.seed={seed}",
                      f"--train.stop_at={steps}", "--train.device=cpu", "--train.compile=false", f"--eval.every={steps}",
                      "--eval.sample_tokens=0", "--checkpoint.every=0", "--logging.progress=false",
-                     f"--tokenizer.path={tokenizer_dir / 'tokenizer.model'}"]
+                     f"--tokenizer.path={tokenizer_dir / 'tokenizer.model'}",
+                     "--model.n_layers=6"]  # the shape of the README's figures (the demo has 4 layers since 2026-12)
         Trainer(load_config(str(DEMO), overrides)).train()
         return next(r["val_loss"] for r in load_metrics(out_dir).validation if r["step"] == steps)
 
