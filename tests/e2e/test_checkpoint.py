@@ -121,12 +121,15 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tiny_config):
         Trainer(tiny_config(train__max_steps=4))
 
 
-def test_checkpoint_for_another_shape_names_the_parameter(tiny_config):
+def test_checkpoint_for_another_shape_names_the_key_and_the_parameter(tiny_config):
     cfg = tiny_config(train__max_steps=2, checkpoint__every=2)
     train(cfg)
+    with pytest.raises(PretrainError, match="model.ffn_hidden: 128 in the checkpoint, 96 now"):
+        Trainer(tiny_config(train__max_steps=4, model__ffn_hidden=96))
+    # a deliberate change still cannot load tensors of another shape: the parameter is named
     with pytest.raises(PretrainError, match=r"parameter layers.0.feed_forward.w1.weight has shape \(128, 64\) in the "
                                             r"checkpoint but \(96, 64\) in this model.s config"):
-        Trainer(tiny_config(train__max_steps=4, model__ffn_hidden=96))
+        Trainer(tiny_config(train__max_steps=4, model__ffn_hidden=96, checkpoint__allow_model_change=True))
 
 
 def test_async_save_resumes_bit_exact_and_logs_the_blocked_time(tiny_config, tmp_path):
