@@ -99,7 +99,7 @@ def test_report_of_a_real_run_draws_its_sources(tmp_path, corpus_file, tokenizer
     assert main(["report", str(run)]) == 0
     assert (run / "report.png").stat().st_size > 10_000 and "data:image/png;base64," in (run / "report.html").read_text()
     curves = plot_report([load_metrics(run)], tmp_path / "again.png")
-    assert curves["validation perplexity"] == 2 and curves["training loss"] == 1
+    assert curves["validation loss by source"] == 2 and curves["data mixture"] == 2 and curves["training loss"] == 1
 
 
 def test_tensorboard_gets_the_same_scalars(tmp_path, corpus_file, tokenizer_file):
