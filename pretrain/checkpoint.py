@@ -132,25 +132,20 @@ class CheckpointManager:
                             f"Free disk space or fix the permissions of {self.root} (checkpoint.keep_last limits how "
                             "many are kept), then restart: training resumes from the newest complete checkpoint")
 
-    def newest(self) -> str:
-        """The newest complete checkpoint, in words, for messages about what is kept."""
+    def what_is_kept(self) -> str:
+        """What a stop without saving leaves to resume from, and what the same command then does."""
         previous = complete_checkpoints(self.root)
-        return f"the newest complete checkpoint, {previous[-1]}," if previous else "no checkpoint"
+        if not previous:
+            return "no checkpoint exists yet: the same command starts over"
+        return f"the newest complete checkpoint, {previous[-1]}, is intact: the same command resumes from it"
 
     def interrupted_save(self, step: int) -> str:
         """What happened when a second Ctrl-C stopped the write of `step`'s checkpoint."""
-        kept = self.newest()
-        resume = ("is intact: the same command resumes from it" if kept != "no checkpoint" else
-                  "exists yet: the same command starts over")
-        return f"during the write of the checkpoint of step {step}: that checkpoint was not kept; {kept} {resume}"
+        return f"during the write of the checkpoint of step {step}: that checkpoint was not kept; {self.what_is_kept()}"
 
     def stopped_at_once(self, step: int) -> str:
         """What a second Ctrl-C between saves cost."""
-        kept = self.newest()
-        if kept == "no checkpoint":
-            return f"stopped at once after step {step} without saving; no checkpoint exists yet: the same command starts over"
-        return (f"stopped at once after step {step} without saving; {kept} is intact: the same command resumes "
-                "from it (the steps after it are lost)")
+        return f"stopped at once after step {step} without saving (the steps since the last checkpoint are lost); {self.what_is_kept()}"
 
     def poll(self) -> None:
         """Publish a background write that has completed. Cheap: call it every step."""

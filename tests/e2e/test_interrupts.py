@@ -65,11 +65,7 @@ def test_ctrl_c_saves_after_the_step_and_a_rerun_resumes(tmp_path, corpus_file, 
     wait_for(lambda: hook_log.exists(), proc)  # the hook process is up
     wait_for_step(run, 4, proc)
     ctrl_c(proc)
-    stdout, stderr = proc.communicate(timeout=120)
-    output = stdout + stderr
-    assert proc.returncode == INTERRUPTED_EXIT_CODE, output[-3000:]
-    stopped = checkpoint_steps(run)[-1]
-    assert stopped >= 4 and stopped == max(losses(run))  # every step trained is in the checkpoint
+    output, stopped = stopped_with_a_checkpoint(proc, run, 4, timeout_s=120)
     assert "Traceback" not in output and "failed" not in output, output[-3000:]
     assert json.loads(hook_log.read_text().splitlines()[-1])["step"] == stopped
     assert output.count("Press Ctrl-C again to stop at once without saving") == 1
@@ -95,7 +91,8 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_is_kept(tmp_path, corpus_fi
     output = stdout + stderr
     assert proc.returncode == INTERRUPTED_EXIT_CODE, output[-3000:]
     assert checkpoint_steps(run) == [4]
-    assert (f"interrupted: stopped at once after step 5 without saving; the newest complete checkpoint, "
+    assert (f"interrupted: stopped at once after step 5 without saving (the steps since the last checkpoint are lost); "
+            f"the newest complete checkpoint, "
             f"{run / 'checkpoints' / 'step_00000004'}, is intact") in output
     assert "Traceback" not in output
     assert not (run / ".train.lock").exists()  # the next run may start at once
@@ -123,6 +120,17 @@ def test_ctrl_c_during_a_save_keeps_the_previous_checkpoint_and_says_so(tmp_path
     assert f"resumed from {run / 'checkpoints' / 'step_00000004'}" in resumed.stdout + resumed.stderr
 
 
+def stopped_with_a_checkpoint(proc: subprocess.Popen, run: Path, at_least: int, timeout_s: float) -> tuple[str, int]:
+    """The output of a run stopped by Ctrl-C, and the step of its last checkpoint, which holds
+    every step the run trained."""
+    stdout, stderr = proc.communicate(timeout=timeout_s)
+    output = stdout + stderr
+    assert proc.returncode == INTERRUPTED_EXIT_CODE, output[-3000:]
+    stopped = checkpoint_steps(run)[-1]
+    assert stopped >= at_least and stopped == max(losses(run))
+    return output, stopped
+
+
 def launch_script(args: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen(["bash", "launch/torchrun.sh", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHON": sys.executable, "NPROC": "2", **env},
@@ -137,11 +145,7 @@ def test_ctrl_c_under_the_launch_script_saves_once_and_ends_quietly(tmp_path, co
     proc = launch_script(args)
     wait_for_step(run, 3, proc)
     ctrl_c(proc)
-    stdout, stderr = proc.communicate(timeout=180)
-    output = stdout + stderr
-    assert proc.returncode == INTERRUPTED_EXIT_CODE, output[-3000:]
-    stopped = checkpoint_steps(run)[-1]
-    assert stopped >= 3 and stopped == max(losses(run))
+    output, stopped = stopped_with_a_checkpoint(proc, run, 3, timeout_s=180)
     assert output.count("Press Ctrl-C again to stop at once without saving") == 1, output[-3000:]
     assert output.count(f"interrupted: stopped after step {stopped} with a checkpoint") == 1, output[-3000:]
     assert "Traceback" not in output and "SignalException" not in output, output[-3000:]
