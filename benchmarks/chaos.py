@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint_layout import checkpoint_dir, damage
+from pretrain.checkpoint.layout import checkpoint_dir, damage
 from pretrain.export.weights import load_weights
-from pretrain.step_guard import LEDGER
+from pretrain.resilience.step_guard import LEDGER
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("kill", "term", "nan", "disk_full", "kill_mid_save", "corrupt")

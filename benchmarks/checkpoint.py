@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pretrain.checkpoint import CheckpointManager, checkpoint_dir, read_manifest
+from pretrain.checkpoint.manager import CheckpointManager, checkpoint_dir, read_manifest
 from pretrain.config import Config, load_config
-from pretrain.hardware import keep_freed_memory
+from pretrain.hardware.devices import keep_freed_memory
 from pretrain.models import Transformer, count_params
 from pretrain.parallel import Engine, build_engine, dist_info_from_env
 

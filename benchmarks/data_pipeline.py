@@ -213,7 +213,7 @@ def main() -> int:
     from pretrain.config import load_config
     from pretrain.data import load_or_train_tokenizer
     from pretrain.data.prepared import prepare
-    from pretrain.log_setup import setup_logging
+    from pretrain.observability.log_setup import setup_logging
 
     setup_logging()
     datasets.disable_progress_bars()

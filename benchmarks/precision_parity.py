@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from pretrain.config import load_config
-from pretrain.hardware import cpu_has_bf16
-from pretrain.log_setup import setup_logging
-from pretrain.report import load_metrics
+from pretrain.hardware.devices import cpu_has_bf16
+from pretrain.observability.log_setup import setup_logging
+from pretrain.observability.report import load_metrics
 from pretrain.trainer import Trainer
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

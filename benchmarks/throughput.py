@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config import load_config
-from pretrain.hardware import keep_freed_memory, measure_matmul_flops, resolve_precision
-from pretrain.log_setup import setup_logging
+from pretrain.hardware.devices import keep_freed_memory, measure_matmul_flops, resolve_precision
+from pretrain.observability.log_setup import setup_logging
 from pretrain.models import count_params, flops_per_token
 from pretrain.parallel.compile import missing_compiler
 from pretrain.trainer import Trainer

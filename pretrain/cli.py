@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_interruption(exc: KeyboardInterrupt) -> int:
     """Say once (rank 0 of a torchrun job) what a Ctrl-C that stopped at once cost."""
-    from pretrain.preemption import INTERRUPTED_EXIT_CODE
+    from pretrain.resilience.preemption import INTERRUPTED_EXIT_CODE
 
     if os.environ.get("RANK", "0") == "0":
         print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
@@ -41,7 +41,7 @@ def report_interruption(exc: KeyboardInterrupt) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pretrain.config import config_reference
+    from pretrain.config.load import config_reference
 
     parser = argparse.ArgumentParser(
         prog="pretrain", description="Pretrain a Llama-style base model on your own data.",
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="print the checkpoint's record as one JSON object (for scripts) instead of a line")
     evaluate.set_defaults(run=run_eval, accepts_overrides=True)
 
-    from pretrain.report import add_command as add_report_command
+    from pretrain.observability.report import add_command as add_report_command
     from pretrain.scaling.cli import add_commands as add_scaling_commands
 
     add_scaling_commands(commands, OVERRIDES_HELP)
@@ -162,19 +162,19 @@ def package_version() -> str:
 
 
 def _load(args: argparse.Namespace, extra: list[str]):
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
 
     overrides = [*args.overrides, *extra]
     cfg = load_config(args.config, overrides)
     if cfg.eval.hooks:  # a hook module may sit beside the config, as a script's modules sit beside it
-        from pretrain.eval_hooks import add_hook_dir
+        from pretrain.evaluation.hook_runner import add_hook_dir
 
         add_hook_dir(os.path.dirname(os.path.abspath(args.config)))
     return cfg
 
 
 def run_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from pretrain.log_setup import setup_logging
+    from pretrain.observability.log_setup import setup_logging
 
     cfg = _load(args, extra)
     from pretrain.parallel import dist_info_from_env, exit_process
@@ -196,8 +196,8 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> int:
 def run_preflight(args: argparse.Namespace, extra: list[str]) -> int:
     import os
 
-    from pretrain import preflight
-    from pretrain.log_setup import setup_logging
+    from pretrain.hardware import preflight
+    from pretrain.observability.log_setup import setup_logging
     from pretrain.parallel import exit_process
 
     setup_logging(int(os.environ.get("RANK", "0")))
@@ -208,7 +208,7 @@ def run_preflight(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def run_config(args: argparse.Namespace, extra: list[str]) -> int:
-    from pretrain.config import config_to_yaml
+    from pretrain.config.load import config_to_yaml
 
     print(config_to_yaml(_load(args, extra)), end="")
     return 0
@@ -218,7 +218,7 @@ def run_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
     from pathlib import Path
 
     from pretrain.data import load_or_train_tokenizer
-    from pretrain.log_setup import setup_logging
+    from pretrain.observability.log_setup import setup_logging
 
     cfg = _load(args, extra)
     setup_logging()
@@ -235,7 +235,7 @@ def run_data_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     from pretrain.data import load_or_train_tokenizer
     from pretrain.data.prepared import prepare
     from pretrain.errors import ConfigError
-    from pretrain.log_setup import setup_logging
+    from pretrain.observability.log_setup import setup_logging
 
     cfg = _load(args, extra)
     if not cfg.data.prepared_dir:  # checked before the tokenizer is trained or a source is read
@@ -281,8 +281,8 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     import json
     from pathlib import Path
 
-    from pretrain.evaluation import append_record, describe_record, evaluate_checkpoint, watch
-    from pretrain.log_setup import setup_logging
+    from pretrain.evaluation.validation import append_record, describe_record, evaluate_checkpoint, watch
+    from pretrain.observability.log_setup import setup_logging
 
     overrides = [*args.overrides, *extra]
     if bool(args.checkpoint) == bool(args.watch):
@@ -296,12 +296,12 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
         append_record(Path(args.checkpoint).resolve().parent.parent, record)
         print(json.dumps(record) if args.json else describe_record(record))
         return 0
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
 
     cfg = load_config(str(Path(args.watch) / "config.yaml"), overrides, world_size=1)
     tracker = None
     if cfg.logging.wandb.mode != "disabled":  # into the training's own run, under eval/
-        from pretrain.tracking import WandbSink
+        from pretrain.observability.tracking import WandbSink
 
         w = cfg.logging.wandb
         tracker = WandbSink(args.watch, w.project, w.entity, w.mode, w.name, prefix="eval/")

@@ -1,4 +1,4 @@
-"""Eval hooks that ship with pretrain (see pretrain/eval_hooks.py for how hooks are called):
+"""Eval hooks that ship with pretrain (see pretrain/evaluation/hook_runner.py for how hooks are called):
 
     eval:
       hooks: [pretrain.hooks:perplexity, pretrain.hooks:samples]
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import Config
+from pretrain.config.schema import Config
 from pretrain.errors import PretrainError
 
 
@@ -64,8 +64,8 @@ def samples(checkpoint: str, step: int, config: Config, prompts: list[str] | Non
             top_k: int = 1, temperature: float = 1.0, device: str = "cpu") -> dict:
     """Completions of a fixed list of prompts (default eval.sample_prompts), greedy unless top_k > 1,
     written to out_dir/eval/samples_step_<step>.txt, so checkpoints can be read side by side."""
-    from pretrain.atomic_dir import write_file
-    from pretrain.generate import generate
+    from pretrain.resilience.atomic_dir import write_file
+    from pretrain.evaluation.generate import generate
 
     model, tokenizer = _load(checkpoint, config, device)
     generator = torch.Generator().manual_seed(config.train.seed)

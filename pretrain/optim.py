@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from pretrain.config import OptimConfig
+from pretrain.config.schema import OptimConfig
 
 
 def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

@@ -27,7 +27,7 @@ def world_size(nnodes: str, nproc_per_node: str) -> int | None:
 
 def check_config(args: object) -> None:
     """Raise ConfigError when the job is `pretrain train` with a config that does not validate."""
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
 
     script_args = list(getattr(args, "training_script_args"))
     if not (getattr(args, "module") and getattr(args, "training_script") == "pretrain"

@@ -10,18 +10,19 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointManager
-from pretrain.checkpoint_layout import checkpoint_dir, complete_checkpoints
-from pretrain.config import Config, ParallelConfig, config_to_yaml, grad_accum_steps, save_config
+from pretrain.checkpoint.manager import CheckpointManager
+from pretrain.checkpoint.layout import checkpoint_dir, complete_checkpoints
+from pretrain.config.schema import Config, ParallelConfig
+from pretrain.config.load import config_to_yaml, grad_accum_steps, save_config
 from pretrain.data import TrainData, load_or_train_tokenizer, open_sources, validation_sets
 from pretrain.errors import PREEMPTED_EXIT_CODE, CorruptCheckpoint, PretrainError
-from pretrain.eval_hooks import HookRunner
-from pretrain.evaluation import validation_metrics
-from pretrain.faults import FaultInjector
-from pretrain.generate import generate
-from pretrain.hardware import keep_freed_memory, memory_gib, mfu_reference, resolve_precision
-from pretrain.memory_advice import oom_message
-from pretrain.metrics import MetricLogger
+from pretrain.evaluation.hook_runner import HookRunner
+from pretrain.evaluation.validation import validation_metrics
+from pretrain.resilience.faults import FaultInjector
+from pretrain.evaluation.generate import generate
+from pretrain.hardware.devices import keep_freed_memory, memory_gib, mfu_reference, resolve_precision
+from pretrain.hardware.memory_advice import oom_message
+from pretrain.observability.metrics import MetricLogger
 from pretrain.models import Transformer, count_params, flops_per_token
 from pretrain.optim import build_scheduler
 from pretrain.parallel import (
@@ -35,12 +36,12 @@ from pretrain.parallel import (
     main_rank_first,
     sum_over_ranks,
 )
-from pretrain.preemption import INTERRUPTED_EXIT_CODE, StopNow, StopSignals
-from pretrain.preflight import format_report, run_preflight
-from pretrain.progress import TrainingProgress, progress_enabled
-from pretrain.run_lock import lock_out_dir
-from pretrain.step_guard import OK, BadBatchLedger, StepGuard, Verdict
-from pretrain.watchdog import HangWatchdog
+from pretrain.resilience.preemption import INTERRUPTED_EXIT_CODE, StopNow, StopSignals
+from pretrain.hardware.preflight import format_report, run_preflight
+from pretrain.observability.progress import TrainingProgress, progress_enabled
+from pretrain.resilience.run_lock import lock_out_dir
+from pretrain.resilience.step_guard import OK, BadBatchLedger, StepGuard, Verdict
+from pretrain.resilience.watchdog import HangWatchdog
 
 log = logging.getLogger("pretrain")
 
@@ -318,7 +319,7 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Validation loss, perplexity and bits per byte, per source and mixture-weighted
-        (pretrain/evaluation.py); logged, the weighted loss returned."""
+        (pretrain/evaluation/validation.py); logged, the weighted loss returned."""
         metrics = validation_metrics(self.model, self.val_sets, self.token_bytes,
                                      {s.name: s.weight for s in self.cfg.data.sources}, self.device,
                                      self.engine.autocast, sum_over_ranks)  # each rank evaluated its share

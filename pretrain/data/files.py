@@ -10,7 +10,7 @@ import io
 import os
 from typing import BinaryIO
 
-from pretrain.config import SUPPORTED_FILES, data_file_kind
+from pretrain.config.schema import SUPPORTED_FILES, data_file_kind
 from pretrain.errors import PretrainError
 
 _GLOB_CHARS = set("*?[")

@@ -3,7 +3,7 @@ continues the same stream, and which config key to look at when it does not."""
 
 from __future__ import annotations
 
-from pretrain.config import Config
+from pretrain.config.schema import Config
 from tokenizer import Tokenizer
 
 ALLOW_OVERRIDE = "--data.allow_changed_data=true"

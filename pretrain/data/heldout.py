@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import torch
 
-from pretrain.config import Config
+from pretrain.config.schema import Config
 from pretrain.data.loader import open_sources
 from pretrain.data.packing import cut_windows
 from pretrain.errors import PretrainError

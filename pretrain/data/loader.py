@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from pretrain.config import Config, DataConfig
+from pretrain.config.schema import Config, DataConfig
 from pretrain.data.fingerprint import ALLOW_OVERRIDE, lanes_reusable, stream_differences, stream_fingerprint
 from pretrain.data.packing import document_ids
 from pretrain.data.prepared import PreparedSource, raw_source
@@ -20,7 +20,7 @@ from pretrain.data.sources import FileSource, RecordErrors, TextSource
 from pretrain.data.stream import IndexedSource, Mixture, StreamPlan, default_lanes
 from pretrain.errors import PretrainError
 from pretrain.parallel.distributed import sum_over_ranks
-from pretrain.preemption import ignore_interrupts
+from pretrain.resilience.preemption import ignore_interrupts
 from tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

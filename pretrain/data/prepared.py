@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.atomic_dir import publish, temporary_sibling
-from pretrain.config import PREPARED_MANIFEST, Config, DataConfig, SourceConfig
+from pretrain.resilience.atomic_dir import publish, temporary_sibling
+from pretrain.config.schema import PREPARED_MANIFEST, Config, DataConfig, SourceConfig
 from pretrain.data.sources import BuiltinSource, FileSource, RecordErrors, TextSource
 from pretrain.errors import PretrainError
 from tokenizer import Tokenizer

@@ -7,7 +7,7 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pretrain.config import DataConfig
+from pretrain.config.schema import DataConfig
 from pretrain.data.sources import RecordErrors, TextSource
 from pretrain.data.stream import ChunkOrder, IndexedSource, LaneSource, Mixture, StreamPlan
 from pretrain.errors import PretrainError

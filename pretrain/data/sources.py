@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pretrain.config import SourceConfig, data_file_kind
+from pretrain.config.schema import SourceConfig, data_file_kind
 from pretrain.data.builtin import python_docs_documents
 from pretrain.data.files import file_size, line_number, open_binary, open_decompressed, source_files
 from pretrain.errors import PretrainError

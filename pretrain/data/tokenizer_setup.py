@@ -7,7 +7,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pretrain.config import Config
+from pretrain.config.schema import Config
 from pretrain.data.loader import open_sources
 from pretrain.data.sources import RecordErrors, TextSource, is_validation
 from pretrain.data.stream import ChunkOrder

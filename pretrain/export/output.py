@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from pretrain.atomic_dir import publish, temporary_sibling
+from pretrain.resilience.atomic_dir import publish, temporary_sibling
 from pretrain.errors import PretrainError
 
 

@@ -17,8 +17,8 @@ from typing import Protocol
 import torch
 import yaml
 
-from pretrain import checkpoint_layout
-from pretrain.checkpoint_layout import (
+from pretrain.checkpoint import layout as checkpoint_layout
+from pretrain.checkpoint.layout import (
     DCP_MODEL_PREFIX,
     DEEPSPEED_DIR,
     FORMAT_VERSION,
@@ -26,11 +26,11 @@ from pretrain.checkpoint_layout import (
     TOKENIZER,
     dcp_model_shapes,
 )
-from pretrain.config import Config
-from pretrain.config_parse import build, load_yaml_text
+from pretrain.config.schema import Config
+from pretrain.config.parse import build, load_yaml_text
 from pretrain.errors import ConfigError, CorruptCheckpoint, PretrainError
 from pretrain.export.names import strip_wrappers
-from pretrain.safe_load import load_dcp, read_dcp_metadata, refusal, weights_only_loads
+from pretrain.checkpoint.safe_load import load_dcp, read_dcp_metadata, refusal, weights_only_loads
 
 
 def read_manifest(ckpt_dir: Path) -> dict:

@@ -10,7 +10,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from pretrain.checkpoint_layout import check_shapes
+from pretrain.checkpoint.layout import check_shapes
 from pretrain.errors import PretrainError
 from pretrain.export.names import from_hf_name, strip_wrappers
 from pretrain.export.readers import MANIFEST, checkpoint_config, open_reader, read_manifest

@@ -4,9 +4,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from pretrain.config_parse import option
+
+def option(default: Any, help: str) -> Any:
+    """A field with the help text that `pretrain train --help` shows (the config parser reads the
+    `help` metadata; model code does not import the parser)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)

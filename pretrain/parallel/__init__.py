@@ -12,8 +12,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor.experimental import implicit_replication
 
-from pretrain.checkpoint_layout import check_shapes
-from pretrain.config import Config
+from pretrain.checkpoint.layout import check_shapes
+from pretrain.config.schema import Config
 from pretrain.optim import build_optimizer
 from pretrain.parallel.activation import apply_activation_checkpointing
 from pretrain.parallel.compile import apply_compile, compile_decision

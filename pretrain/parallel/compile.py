@@ -11,8 +11,8 @@ import shutil
 import torch
 from torch import nn
 
-from pretrain.config import Config
-from pretrain.hardware import measure_matmul_flops
+from pretrain.config.schema import Config
+from pretrain.hardware.devices import measure_matmul_flops
 from pretrain.models import flops_per_token
 
 log = logging.getLogger(__name__)

@@ -22,15 +22,16 @@ from deepspeed.checkpoint.constants import (
 )
 from torch import nn
 
-from pretrain.atomic_dir import publish, temporary_sibling
-from pretrain.checkpoint_layout import DEEPSPEED_DIR, check_shapes, read_manifest
-from pretrain.config import Config, grad_accum_steps
+from pretrain.resilience.atomic_dir import publish, temporary_sibling
+from pretrain.checkpoint.layout import DEEPSPEED_DIR, check_shapes, read_manifest
+from pretrain.config.schema import Config
+from pretrain.config.load import grad_accum_steps
 from pretrain.errors import PretrainError
-from pretrain.log_setup import output_captured
+from pretrain.observability.log_setup import output_captured
 from pretrain.optim import build_optimizer, parameter_groups
 from pretrain.parallel.distributed import barrier
 from pretrain.parallel.engine import WrapFile
-from pretrain.safe_load import weights_only_loads
+from pretrain.checkpoint.safe_load import weights_only_loads
 
 log = logging.getLogger(__name__)
 

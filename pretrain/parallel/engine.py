@@ -27,8 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from pretrain.checkpoint_layout import check_shapes, dcp_model_shapes
-from pretrain.safe_load import load_dcp, read_dcp_metadata
+from pretrain.checkpoint.layout import check_shapes, dcp_model_shapes
+from pretrain.checkpoint.safe_load import load_dcp, read_dcp_metadata
 
 WrapFile = Callable[[BinaryIO], BinaryIO]
 
@@ -48,7 +48,7 @@ class Engine(Protocol):
     # updates inside its own step, so there approve is asked afterwards and cannot veto.
     can_veto_update: bool
     def step(self, max_norm: float, approve: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor: ...
-    # wrap_file (fault injection, pretrain.faults): wraps each file the engine writes
+    # wrap_file (fault injection, pretrain.resilience.faults): wraps each file the engine writes
     def save(self, path: Path, wrap_file: WrapFile | None = None) -> None: ...
     def save_async(self, path: Path, group: dist.ProcessGroup | None,  # DCP engines only
                    wrap_file: WrapFile | None = None) -> Future: ...

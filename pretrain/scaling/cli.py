@@ -128,8 +128,8 @@ def run_presets(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def run_plan(args: argparse.Namespace, extra: list[str]) -> int:
-    from pretrain.config import load_config
-    from pretrain.config_parse import load_yaml_text
+    from pretrain.config.load import load_config
+    from pretrain.config.parse import load_yaml_text
     from pretrain.scaling.plan_output import (check_writable, format_plan, out_dir_note, plan_json, plan_out_dir,
                                               write_plan_config)
     from pretrain.scaling.planner import PlanRequest, make_plan
@@ -165,8 +165,8 @@ def run_plan(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def run_sweep(args: argparse.Namespace, extra: list[str]) -> int:
-    from pretrain.config import load_config
-    from pretrain.log_setup import setup_logging
+    from pretrain.config.load import load_config
+    from pretrain.observability.log_setup import setup_logging
     from pretrain.scaling.sweep import launch_commands, plan_sweep, run_sweep, shared_setup
 
     overrides = [*args.overrides, *extra]

@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 from scipy.optimize import minimize
 
-from pretrain.atomic_dir import write_file
+from pretrain.resilience.atomic_dir import write_file
 from pretrain.errors import PretrainError
 from pretrain.models.args import ModelArgs, count_params, flops_per_token
 from pretrain.scaling.laws import ScalingLaw

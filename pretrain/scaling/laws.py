@@ -26,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pretrain.atomic_dir import write_file
+from pretrain.resilience.atomic_dir import write_file
 from pretrain.errors import PretrainError
 
 

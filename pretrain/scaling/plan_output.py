@@ -8,8 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.atomic_dir import write_file
-from pretrain.config import Config, load_config
+from pretrain.resilience.atomic_dir import write_file
+from pretrain.config.schema import Config
+from pretrain.config.load import load_config
 from pretrain.errors import PretrainError
 from pretrain.scaling.memory import GIB
 from pretrain.scaling.planner import Plan, count, duration

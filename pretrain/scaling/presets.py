@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.atomic_dir import write_file
+from pretrain.resilience.atomic_dir import write_file
 from pretrain.scaling.plan_output import count, plan_config, plan_rows
 from pretrain.scaling.planner import Plan, PlanRequest, duration, make_plan
 from pretrain.scaling.shapes import shape_summary

@@ -17,7 +17,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.config import Config, load_config
+from pretrain.config.schema import Config
+from pretrain.config.load import load_config
 from pretrain.errors import PretrainError
 from pretrain.models.args import ModelArgs, count_params, flops_per_token
 from pretrain.scaling.shapes import shape_for_params, shape_for_width, widths

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pretrain.export.weights import load_weights
-from pretrain.safe_load import read_dcp_metadata
+from pretrain.checkpoint.safe_load import read_dcp_metadata
 from tests.distributed.ranks import run_ranks
 from tests.distributed.runs import STEPS, losses, rank_train, train
 

@@ -15,7 +15,7 @@ import pytest
 
 from pretrain.config import Config
 from pretrain.parallel import dist_info_from_env
-from pretrain.preflight import check_ranks, run_preflight
+from pretrain.hardware.preflight import check_ranks, run_preflight
 from tests.distributed.ranks import run_ranks
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pretrain.export.weights import load_weights
-from pretrain.step_guard import LEDGER
+from pretrain.resilience.step_guard import LEDGER
 from tests.distributed.ranks import run_ranks
 from tests.distributed.runs import rank_train
 

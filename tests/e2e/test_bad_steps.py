@@ -12,7 +12,7 @@ import torch
 
 from pretrain.errors import PretrainError
 from pretrain.export.weights import load_weights
-from pretrain.step_guard import LEDGER
+from pretrain.resilience.step_guard import LEDGER
 from pretrain.trainer import Trainer
 from tests.conftest import read_metrics
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import FORMAT_VERSION, complete_checkpoints
+from pretrain.checkpoint.manager import FORMAT_VERSION, complete_checkpoints
 from pretrain.config import load_config
 from pretrain.errors import PretrainError
 from pretrain.trainer import Trainer

@@ -1,7 +1,7 @@
 """Faults that bite while a checkpoint is being written, in real 2-process jobs (torchrun): a rank
 killed half-way through its shard (DCP, and a background write of checkpoint.async), and a
 disk that fills up on one rank half-way through its write (DCP and DeepSpeed). Each is injected
-inside the engine's own file write (PRETRAIN_FAULTS kill_mid_save / disk_full, pretrain.faults):
+inside the engine's own file write (PRETRAIN_FAULTS kill_mid_save / disk_full, pretrain.resilience.faults):
 part of the rank's file is on disk when it bites. The newest complete checkpoint must survive,
 nothing half-written may look like a checkpoint, and a restart must resume from it to the same
 losses."""

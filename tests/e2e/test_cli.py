@@ -219,7 +219,7 @@ def test_a_model_too_big_for_this_machine_is_refused_before_training(command, tm
     import torch
 
     from pretrain.config import load_config
-    from pretrain.memory_advice import device_memory_bytes, memory_estimate
+    from pretrain.hardware.memory_advice import device_memory_bytes, memory_estimate
 
     preset = "configs/presets/70b.yaml"
     needed = memory_estimate(load_config(str(REPO / preset), ["--train.device=cpu"]), 1, torch.device("cpu")).total

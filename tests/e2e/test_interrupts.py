@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.preemption import INTERRUPTED_EXIT_CODE
+from pretrain.resilience.preemption import INTERRUPTED_EXIT_CODE
 from tests.conftest import consistent_losses as losses
 from tests.conftest import tiny_overrides, wait_for_step
 

@@ -13,7 +13,7 @@ import torch
 from pretrain.config import load_config
 from pretrain.data import IGNORE_INDEX
 from pretrain.trainer import Trainer
-from pretrain.tracking import WANDB_RUN_ID_FILE, flatten
+from pretrain.observability.tracking import WANDB_RUN_ID_FILE, flatten
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_validation_reports_each_source_and_bits_per_byte(tmp_path, corpus_file,
 
 def test_report_of_a_real_run_draws_its_sources(tmp_path, corpus_file, tokenizer_file, capsys):
     from pretrain.cli import main
-    from pretrain.report import load_metrics, plot_report
+    from pretrain.observability.report import load_metrics, plot_report
 
     docs = corpus_file.read_text().split("\n\n")
     halves = [tmp_path / "a.txt", tmp_path / "b.txt"]
@@ -120,10 +120,10 @@ def test_tensorboard_gets_the_same_scalars(tmp_path, corpus_file, tokenizer_file
 def test_mfu_keeps_the_peak_measured_at_the_runs_first_start(tmp_path, corpus_file, tokenizer_file, monkeypatch):
     """A busy machine measures a different peak at each start (1e11, then 3.8e11 FLOP/s): a resumed
     run keeps dividing by the first, so its MFU does not jump."""
-    import pretrain.hardware
+    import pretrain.hardware.devices
 
     measurements = iter([1e11, 3.8e11, 3.8e11])
-    monkeypatch.setattr(pretrain.hardware, "measure_matmul_flops", lambda *a, **k: next(measurements))
+    monkeypatch.setattr(pretrain.hardware.devices, "measure_matmul_flops", lambda *a, **k: next(measurements))
     overrides = tiny_overrides(tmp_path / "run", corpus_file, tokenizer_file, train__max_steps=4,
                                checkpoint__every=2, logging__peak_flops=None)
     first = Trainer(load_config(None, [*overrides, "--train.stop_at=2"]))
@@ -138,7 +138,7 @@ def test_mfu_keeps_the_peak_measured_at_the_runs_first_start(tmp_path, corpus_fi
     other = Trainer(load_config(None, [*overrides, "--train.max_steps=6"]))
     assert other.peak_flops == 1e11
     other.close()
-    monkeypatch.setattr(pretrain.hardware, "device_name", lambda device: "another cpu")
+    monkeypatch.setattr(pretrain.hardware.devices, "device_name", lambda device: "another cpu")
     moved = Trainer(load_config(None, [*overrides, "--train.max_steps=6"]))
     assert moved.peak_flops == 3.8e11
     moved.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.run_lock import LOCK_FILE_NAME, OutDirLocked
+from pretrain.resilience.run_lock import LOCK_FILE_NAME, OutDirLocked
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides, wait_for_step
 

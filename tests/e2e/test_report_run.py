@@ -10,8 +10,8 @@ import pytest
 
 from pretrain.cli import main
 from pretrain.config import load_config
-from pretrain.report import load_runs
-from pretrain.report_plots import MIX, TRAIN, VAL, VAL_SOURCES, build_figure, source_colours
+from pretrain.observability.report import load_runs
+from pretrain.observability.report_plots import MIX, TRAIN, VAL, VAL_SOURCES, build_figure, source_colours
 from pretrain.trainer import Trainer
 from tests.conftest import pydoc_documents, read_metrics, tiny_overrides
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pretrain.export.weights import load_weights
-from pretrain.watchdog import HUNG_EXIT_CODE
+from pretrain.resilience.watchdog import HUNG_EXIT_CODE
 from tests.conftest import read_metrics, tiny_overrides
 
 pytestmark = pytest.mark.slow

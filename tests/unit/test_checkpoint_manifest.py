@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from pretrain.checkpoint import FORMAT_VERSION, MANIFEST, CheckpointManager
+from pretrain.checkpoint.manager import FORMAT_VERSION, MANIFEST, CheckpointManager
 from pretrain.config import CheckpointConfig
 from pretrain.errors import PretrainError
 from pretrain.parallel import DistInfo

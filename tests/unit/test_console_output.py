@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from pretrain.evaluation import describe_record
-from pretrain.log_setup import output_captured
-from pretrain.metrics import MetricLogger, format_record
+from pretrain.evaluation.validation import describe_record
+from pretrain.observability.log_setup import output_captured
+from pretrain.observability.metrics import MetricLogger, format_record
 
 
 def test_an_eval_hook_record_shows_its_numbers():

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pretrain.config import Config, load_config
-from pretrain.config_parse import _YamlLoader, yaml_key
+from pretrain.config.parse import _YamlLoader, yaml_key
 from pretrain.errors import ConfigError
 from tests.conftest import time_limit
 

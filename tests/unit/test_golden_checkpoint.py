@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointManager
-from pretrain.checkpoint_layout import damage, read_manifest
+from pretrain.checkpoint.manager import CheckpointManager
+from pretrain.checkpoint.layout import damage, read_manifest
 from pretrain.config import CheckpointConfig
 from pretrain.export import load_weights
 from pretrain.export.readers import checkpoint_config
@@ -23,7 +23,7 @@ GOLDEN = sorted(FIXTURES.glob("checkpoint_v*/"))
 
 
 def test_there_is_a_golden_checkpoint_of_the_current_format():
-    from pretrain.checkpoint_layout import FORMAT_VERSION
+    from pretrain.checkpoint.layout import FORMAT_VERSION
 
     assert FIXTURES / f"checkpoint_v{FORMAT_VERSION}" in GOLDEN
 

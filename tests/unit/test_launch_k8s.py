@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pretrain.config import load_config
-from pretrain.run_lock import current_job_id
+from pretrain.resilience.run_lock import current_job_id
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "launch" / "kubernetes.yaml"

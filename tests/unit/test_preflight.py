@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 
-from pretrain import preflight
+from pretrain.hardware import preflight
 from pretrain.config import Config
 from pretrain.errors import PretrainError
-from pretrain.memory_advice import memory_estimate, memory_fixes, oom_message
+from pretrain.hardware.memory_advice import memory_estimate, memory_fixes, oom_message
 from pretrain.models import count_params
 from pretrain.parallel import DistInfo
-from pretrain.preflight import (
+from pretrain.hardware.preflight import (
     CHECKPOINT_ALLOWANCE,
     RankInfo,
     RankReport,

@@ -28,7 +28,7 @@ def test_main_job_runs_the_demo_config():
 
 def test_yaml_examples_use_real_keys_and_types():
     from pretrain.config import Config
-    from pretrain.config_parse import build, load_yaml_text
+    from pretrain.config.parse import build, load_yaml_text
 
     blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
     assert len(blocks) >= 2  # the config tour and the data mixing example

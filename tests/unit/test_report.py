@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from pretrain.errors import PretrainError
-from pretrain.report import add_command, load_metrics, plot_report, write_report
-from pretrain.report_html import comparison_rows, config_differences, flatten_config
-from pretrain.report_plots import TRAIN, VAL, build_figure
+from pretrain.observability.report import add_command, load_metrics, plot_report, write_report
+from pretrain.observability.report_html import comparison_rows, config_differences, flatten_config
+from pretrain.observability.report_plots import TRAIN, VAL, build_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TOKENS_PER_STEP = 2048

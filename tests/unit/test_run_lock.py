@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.run_lock import (
+from pretrain.resilience.run_lock import (
     LOCK_FILE_NAME,
     STALE_AFTER_S,
     Holder,
@@ -40,11 +40,11 @@ def no_job_id(monkeypatch):
 
 @pytest.fixture
 def warnings():
-    """The messages pretrain.run_lock logs (pytest's logging plugin is off in our runs)."""
+    """The messages pretrain.resilience.run_lock logs (pytest's logging plugin is off in our runs)."""
     records: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("pretrain.run_lock")
+    logger = logging.getLogger("pretrain.resilience.run_lock")
     logger.addHandler(handler)
     previous = logger.level
     logger.setLevel(logging.INFO)

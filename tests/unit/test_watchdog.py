@@ -7,12 +7,12 @@ import subprocess
 import sys
 import textwrap
 
-from pretrain.watchdog import HUNG_EXIT_CODE
+from pretrain.resilience.watchdog import HUNG_EXIT_CODE
 
 SCRIPT = textwrap.dedent("""
     import time
     {prelude}
-    from pretrain.watchdog import HangWatchdog
+    from pretrain.resilience.watchdog import HangWatchdog
 
     def stuck_in_a_collective():
         time.sleep(60)

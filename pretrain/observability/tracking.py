@@ -11,7 +11,7 @@ import logging
 import secrets
 from pathlib import Path
 
-from pretrain.atomic_dir import write_file
+from pretrain.resilience.atomic_dir import write_file
 from pretrain.errors import PretrainError
 
 log = logging.getLogger("pretrain")

@@ -16,7 +16,7 @@ Layout of one checkpoint (format_version 1):
                      (naming that tag) and DeepSpeed's zero_to_fp32.py beside it, as its tools expect.
 
 Everything is written into .tmp_step_N/, flushed to disk, then renamed into place
-(pretrain.checkpoint.CheckpointManager)."""
+(pretrain.checkpoint.manager.CheckpointManager)."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.config import Config
-from pretrain.hardware import resolve_precision
+from pretrain.config.schema import Config
+from pretrain.hardware.devices import resolve_precision
 from pretrain.scaling.memory import GIB, StateBytes, TrainingMemory, training_memory
 
 

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.config import TrainConfig
+from pretrain.config.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 

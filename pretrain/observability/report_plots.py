@@ -14,7 +14,7 @@ import math
 import textwrap
 from dataclasses import dataclass, field
 
-from pretrain.report_data import RunMetrics, number
+from pretrain.observability.report_data import RunMetrics, number
 
 TRAIN, VAL, VAL_SOURCES, MIX, LR, THROUGHPUT = ("training loss", "validation loss", "validation loss by source",
                                                 "data mixture", "learning rate", "throughput")

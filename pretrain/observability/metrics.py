@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pretrain.config import Config
+    from pretrain.config.schema import Config
 
 log = logging.getLogger("pretrain")
 
 
 class MetricLogger:
     """Writes metric records (dicts with a "step") as JSON lines, one readable console line, and
-    to any tracker the config turns on (pretrain/tracking.py: wandb, TensorBoard).
+    to any tracker the config turns on (pretrain/observability/tracking.py: wandb, TensorBoard).
 
     Only the rank that owns the output (rank 0) writes; other ranks pass `enabled=False`."""
 
@@ -33,11 +33,11 @@ class MetricLogger:
     @classmethod
     def for_config(cls, cfg: Config, enabled: bool = True) -> MetricLogger:
         """The logger of a run: metrics.jsonl and console, plus the trackers `cfg.logging` enables."""
-        from pretrain.tracking import TensorBoardSink, WandbSink
+        from pretrain.observability.tracking import TensorBoardSink, WandbSink
 
         trackers = []
         if enabled and cfg.logging.wandb.mode != "disabled":
-            from pretrain.config_parse import to_dict
+            from pretrain.config.parse import to_dict
 
             w = cfg.logging.wandb
             trackers.append(WandbSink(cfg.out_dir, w.project, w.entity, w.mode, w.name, to_dict(cfg)))

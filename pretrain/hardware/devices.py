@@ -109,7 +109,7 @@ def mfu_reference(out_dir: Path, device: torch.device, precision: str, configure
         measured = measure_matmul_flops(device, dtype, size=8192, seconds=0.2)
         source += f"; measured matmul {measured:.3g} FLOP/s, reported as mfu_measured"
     if write:
-        from pretrain.atomic_dir import write_file
+        from pretrain.resilience.atomic_dir import write_file
 
         write_file(path, json.dumps({**key, "peak_flops": peak, "source": source, "measured_flops": measured}))
     return peak, source, measured

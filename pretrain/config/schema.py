@@ -1,25 +1,12 @@
-"""The job config: typed sections loaded from YAML, overridden with `--section.key=value`,
-validated once before any compute. Read-only at runtime (every section is frozen)."""
+"""The job config's sections: typed, frozen dataclasses whose fields carry defaults and help texts."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from pretrain.config_parse import (
-    apply_override,
-    build,
-    load_yaml_text,
-    option,
-    parse_overrides,
-    reference,
-    to_dict,
-)
-from pretrain.errors import ConfigError
+from pretrain.config.parse import option
 from pretrain.models.args import ModelArgs
 
 BUILTIN_SOURCES = ("python-docs",)
@@ -248,65 +235,3 @@ class Config:
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer.path or os.path.join(self.out_dir, "tokenizer.model")
-
-
-def load_config(path: str | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
-    """Read a YAML file, apply `--section.key=value` overrides, type-check and validate.
-
-    Raises ConfigError listing every problem found."""
-    source = path or "the command line"
-    data = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError([f"config file {path!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); save "
-                               "it as UTF-8"]) from None
-        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
-            raise ConfigError([f"cannot read config file {path!r}: {getattr(exc, 'strerror', None) or exc}"]) from None
-        try:
-            data = load_yaml_text(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"{path} is not valid YAML: {exc}"]) from None
-        if data is None:  # an empty file: every default
-            data = {}
-    pairs, problems = parse_overrides(list(overrides))
-    if isinstance(data, dict):
-        for key, value in pairs:
-            problem = apply_override(data, key, value)
-            if problem:
-                problems.append(problem)
-    config = build(Config, data, "", problems)
-    if problems:
-        raise ConfigError(problems, source)
-    if world_size is None:
-        text = os.environ.get("WORLD_SIZE", "1")
-        if not text.isdigit():
-            raise ConfigError([f"the environment variable WORLD_SIZE={text!r} is not a whole number; launch with "
-                               "torchrun, which sets it, or unset it"], source)
-        world_size = int(text)
-    from pretrain.config_checks import validate  # the rules import this module's types
-
-    return validate(config, world_size, source)
-
-
-def grad_accum_steps(cfg: Config, world_size: int) -> int:
-    """Micro-batches per rank per optimizer step (exact: validate() checked divisibility)."""
-    per_micro_step = cfg.train.micro_batch_size * cfg.data.seq_len * world_size
-    return cfg.train.global_batch_tokens // per_micro_step
-
-
-def config_to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
-
-
-def save_config(cfg: Config, out_dir: str) -> Path:
-    """Write the resolved config to out_dir/config.yaml atomically (never half-written)."""
-    from pretrain.atomic_dir import write_file
-
-    return write_file(Path(out_dir) / "config.yaml", config_to_yaml(cfg))
-
-
-def config_reference() -> str:
-    """Every key with its type, default and help text, for `pretrain train --help`."""
-    return reference(Config)

@@ -21,11 +21,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from pretrain.config import Config
+from pretrain.config.schema import Config
 from pretrain.errors import ConfigError
-from pretrain.evaluation import append_record
-from pretrain.preemption import ignore_interrupts
-from pretrain.tracking import flatten
+from pretrain.evaluation.validation import append_record
+from pretrain.resilience.preemption import ignore_interrupts
+from pretrain.observability.tracking import flatten
 
 log = logging.getLogger("pretrain")
 

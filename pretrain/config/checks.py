@@ -9,7 +9,7 @@ import math
 import os
 import re
 
-from pretrain.config import (
+from pretrain.config.schema import (
     BUILTIN_SOURCES,
     PREPARED_MANIFEST,
     Config,
@@ -17,7 +17,7 @@ from pretrain.config import (
     ParallelConfig,
     SourceConfig,
 )
-from pretrain.config_parse import show
+from pretrain.config.parse import show
 from pretrain.data.files import BAD_PATTERN, has_glob, is_url, matches, pattern_problem
 from pretrain.errors import ConfigError, PretrainError
 from pretrain.models.args import ModelArgs

@@ -13,13 +13,13 @@ from typing import Iterator
 
 import yaml
 
-from pretrain.checkpoint_layout import CONFIG, complete_checkpoints, read_manifest
-from pretrain.config_parse import load_yaml_text
+from pretrain.checkpoint.layout import CONFIG, complete_checkpoints, read_manifest
+from pretrain.config.parse import load_yaml_text
 from pretrain.errors import PretrainError
-from pretrain.evaluation import EVAL_DIR, VALIDATION_FILE
-from pretrain.tracking import flatten
+from pretrain.evaluation.validation import EVAL_DIR, VALIDATION_FILE
+from pretrain.observability.tracking import flatten
 
-HOOK_PREFIX = "eval/"  # eval hooks' numbers in metrics.jsonl: eval/<hook>/<key> (pretrain.eval_hooks)
+HOOK_PREFIX = "eval/"  # eval hooks' numbers in metrics.jsonl: eval/<hook>/<key> (pretrain.evaluation.hook_runner)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import math
 from types import SimpleNamespace
 from typing import Callable
 
-from pretrain.report_data import RunMetrics, number
+from pretrain.observability.report_data import RunMetrics, number
 
 Row = tuple[str, list[str], list[float | None] | None]  # label, one cell per run, values to mark the lowest of
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint_layout import complete_checkpoints
-from pretrain.config import Config, load_config
+from pretrain.checkpoint.layout import complete_checkpoints
+from pretrain.config.schema import Config
+from pretrain.config.load import load_config
 from pretrain.errors import PretrainError
-from pretrain.hardware import measure_matmul_flops, peak_flops, resolve_precision
-from pretrain.memory_advice import device_memory_bytes, memory_advice, memory_estimate, memory_text
+from pretrain.hardware.devices import measure_matmul_flops, peak_flops, resolve_precision
+from pretrain.hardware.memory_advice import device_memory_bytes, memory_advice, memory_estimate, memory_text
 from pretrain.models import count_params
 from pretrain.parallel import (
     DistInfo,

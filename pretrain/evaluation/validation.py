@@ -62,12 +62,12 @@ def validation_metrics(model: torch.nn.Module, val_sets: dict[str, list], token_
 def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] = ()) -> dict:
     """The validation record of a checkpoint of any backend and world size, on one process: the
     same held-out sequences as the training run's in-loop evaluation, so the same numbers."""
-    from pretrain.config import load_config
+    from pretrain.config.load import load_config
     from pretrain.data import validation_sets
     from pretrain.export.parity import build_model
     from pretrain.export.readers import read_manifest
     from pretrain.export.weights import load_weights
-    from pretrain.hardware import resolve_precision
+    from pretrain.hardware.devices import resolve_precision
     from tokenizer import Tokenizer
 
     checkpoint = Path(checkpoint)
@@ -124,7 +124,7 @@ def watch(out_dir: str | Path, overrides: list[str] = (), interval_s: float = 60
     """Evaluate every complete checkpoint of a training run's out_dir that has no record yet,
     oldest first, then wait for new ones (until the run's last step has been evaluated, or at
     once with `once`). Restartable: what is in out_dir/eval/validation.jsonl is not done again."""
-    from pretrain.checkpoint_layout import complete_checkpoints
+    from pretrain.checkpoint.layout import complete_checkpoints
 
     out_dir = Path(out_dir)
     done, records = evaluated_steps(out_dir), []

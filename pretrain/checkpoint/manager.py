@@ -1,4 +1,4 @@
-"""Saving, pruning and restoring checkpoints (their layout: pretrain.checkpoint_layout).
+"""Saving, pruning and restoring checkpoints (their layout: pretrain.checkpoint.layout).
 
 Model and optimizer are written by the parallel engine (DCP, each rank its shards; or DeepSpeed's
 format); this module writes the rest, makes the write atomic and picks what to resume from."""
@@ -20,8 +20,8 @@ import torch
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
-from pretrain.atomic_dir import publish, temporary_path, temporary_sibling
-from pretrain.checkpoint_layout import (
+from pretrain.resilience.atomic_dir import publish, temporary_path, temporary_sibling
+from pretrain.checkpoint.layout import (
     CONFIG,
     FORMAT_VERSION,
     MANIFEST,
@@ -34,12 +34,12 @@ from pretrain.checkpoint_layout import (
     damage,
     read_manifest,
 )
-from pretrain.config import CheckpointConfig
+from pretrain.config.schema import CheckpointConfig
 from pretrain.errors import CorruptCheckpoint, PretrainError
-from pretrain.faults import FaultInjector
+from pretrain.resilience.faults import FaultInjector
 from pretrain.models.args import ModelArgs
 from pretrain.parallel import DistInfo, Engine, barrier, first_failure, side_group
-from pretrain.safe_load import refusal
+from pretrain.checkpoint.safe_load import refusal
 
 log = logging.getLogger(__name__)
 
