@@ -35,7 +35,7 @@ from pretrain.checkpoint.manager import CheckpointManager, checkpoint_dir, read_
 from pretrain.config import Config, load_config
 from pretrain.hardware.devices import keep_freed_memory
 from pretrain.models import Transformer, count_params
-from pretrain.parallel import Engine, build_engine, dist_info_from_env
+from pretrain.parallel import Engine, ParallelDims, build_engine, dist_info_from_env
 
 BATCH, SEQ_LEN = 2, 64  # the training steps only need to run, not to be representative
 
@@ -53,7 +53,20 @@ def build_config(args: argparse.Namespace, out_dir: str) -> Config:
 def new_engine(cfg: Config) -> Engine:
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    return build_engine(model, cfg, dist_info_from_env("cpu"), "fp32")
+    return build_engine(model, cfg, dist_info_from_env("cpu"), ParallelDims.from_config(cfg.parallel, 1), "fp32")
+
+
+class TrainingState:
+    """What a checkpoint holds beside the engine's model and optimizer (the trainer's counters)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
 
 
 def train_step(engine: Engine, tokens: torch.Tensor) -> None:
@@ -72,9 +85,9 @@ def checkpoint_bytes(path: Path) -> int:
 def timed_async_save(manager: CheckpointManager, step: int, engine: Engine, tokens: torch.Tensor,
                      save_args: tuple) -> tuple[float, float, int]:
     """(seconds blocked in save(), seconds until the checkpoint is published, training steps run
-    while the write was in flight)."""
+    while the write was in flight); `manager` tracks `engine`."""
     start = time.perf_counter()
-    blocked = manager.save(step, engine, *save_args)
+    blocked = manager.save(step, *save_args)
     written: list[float] = []
     # The write may end mid-step; the callback records when, so `total` is not rounded up to a step.
     manager.pending.future.add_done_callback(lambda _: written.append(time.perf_counter()))
@@ -122,13 +135,15 @@ def main() -> int:
             # The manager only copies the tokenizer into the checkpoint; any small file serves.
             tokenizer = Path(tmp) / "tokenizer.model"
             tokenizer.write_bytes(b"\0" * 250_000)
-            save_args = ({"step": repeat, "tokens_seen": 0}, "benchmark: true\n", str(tokenizer))
+            state = TrainingState({"step": repeat, "tokens_seen": 0})
+            save_args = ("benchmark: true\n", str(tokenizer))
             dist_info = dist_info_from_env("cpu")
 
             # Async first: in the first repeat its staging copy lands in memory never touched
             # before, as a run's first save does; later repeats reuse what earlier ones freed.
             async_cfg = dataclasses.replace(cfg.checkpoint, async_save=True)
             manager = CheckpointManager(async_cfg, tmp, dist_info)
+            manager.track({"engine": engine, "train": state})
             blocked, total, steps = timed_async_save(manager, 2 * repeat, engine, tokens, save_args)
             rows["async save (blocked)"].append(blocked)
             rows["async save (total)"].append(total)
@@ -136,13 +151,15 @@ def main() -> int:
             sizes.append(checkpoint_bytes(checkpoint_dir(manager.root, 2 * repeat)))
 
             sync = CheckpointManager(cfg.checkpoint, tmp, dist_info)
-            rows["sync save"].append(sync.save(2 * repeat + 1, engine, *save_args))
+            sync.track({"engine": engine, "train": state})
+            rows["sync save"].append(sync.save(2 * repeat + 1, *save_args))
             path = checkpoint_dir(sync.root, 2 * repeat + 1)
             sizes.append(checkpoint_bytes(path))
 
             fresh = new_engine(cfg)  # the engine is unchanged since the sync save: compare with it
             start = time.perf_counter()
-            sync.load(path, fresh)
+            sync.track({"engine": fresh, "train": state})
+            sync.load(path)
             rows["load"].append(time.perf_counter() - start)
             saved, loaded = engine.model.state_dict(), fresh.model.state_dict()
             assert all(torch.equal(saved[k], loaded[k]) for k in saved), "loaded weights differ from the saved ones"

@@ -163,7 +163,7 @@ def hf_streaming(corpus: Path, tokenizer_path: str, seq_len: int, n_batches: int
 def run_ours(cfg, tokenizer) -> int:
     from pretrain.data import TrainData
 
-    data = TrainData(cfg, tokenizer)
+    data = TrainData(cfg.data, cfg.train, tokenizer)
     tokens, steps = 0, cfg.train.max_steps
     try:
         for _ in range(steps):

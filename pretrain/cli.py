@@ -297,14 +297,10 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(record) if args.json else describe_record(record))
         return 0
     from pretrain.config.load import load_config
+    from pretrain.observability.tracking import wandb_sink
 
     cfg = load_config(str(Path(args.watch) / "config.yaml"), overrides, world_size=1)
-    tracker = None
-    if cfg.logging.wandb.mode != "disabled":  # into the training's own run, under eval/
-        from pretrain.observability.tracking import WandbSink
-
-        w = cfg.logging.wandb
-        tracker = WandbSink(args.watch, w.project, w.entity, w.mode, w.name, prefix="eval/")
+    tracker = wandb_sink(cfg, out_dir=args.watch, prefix="eval/")  # into the training's own run, under eval/
     try:
         records = watch(args.watch, overrides, args.interval, args.once, tracker.write if tracker else None,
                         stop_after_step=cfg.train.max_steps)

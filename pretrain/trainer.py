@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from pretrain.checkpoint.manager import CheckpointManager
-from pretrain.checkpoint.layout import checkpoint_dir, complete_checkpoints
+from pretrain.checkpoint.layout import checkpoint_dir
 from pretrain.config.schema import Config, ParallelConfig
 from pretrain.config.load import config_to_yaml, grad_accum_steps, save_config
 from pretrain.data import TrainData, load_or_train_tokenizer, open_sources, validation_sets
@@ -23,16 +23,17 @@ from pretrain.evaluation.generate import generate
 from pretrain.hardware.devices import keep_freed_memory, memory_gib, mfu_reference, resolve_precision
 from pretrain.hardware.memory_advice import oom_message
 from pretrain.observability.metrics import MetricLogger
-from pretrain.models import Transformer, count_params, flops_per_token
-from pretrain.optim import build_scheduler
+from pretrain.models import count_params, flops_per_token, model_spec
 from pretrain.parallel import (
     DistInfo,
+    ParallelDims,
     any_rank,
     build_engine,
     collective_failures_named,
     destroy_process_group,
     dist_info_from_env,
     init_process_group,
+    launch_env,
     main_rank_first,
     sum_over_ranks,
 )
@@ -49,30 +50,58 @@ log = logging.getLogger("pretrain")
 class Trainer:
     """Owns the model, optimizer, schedule, data and loggers of one training run.
 
-    Data flows one way: config -> process group -> tokenizer -> model on meta -> parallelize,
-    materialise and init, optimizer (the engine) -> data -> loop."""
+    Data flows one way: config -> process group and mesh -> tokenizer -> model on meta ->
+    parallelize, materialise and init, optimizer and schedule (the engine) -> data -> loop;
+    __init__ names each build step."""
 
     def __init__(self, cfg: Config, dist: DistInfo | None = None):
-        self.cfg = cfg
-        self.dist = dist or dist_info_from_env(cfg.train.device)
-        self.device = self.dist.device
+        self.cfg, self.out_dir = cfg, Path(cfg.out_dir)
+        self._join_job(dist or dist_info_from_env(cfg.train.device))
+        self._check_before_compute()
+        sources = open_sources(cfg.data)  # lists every file: a missing one fails before any compute
+        with main_rank_first(self.dist):  # one rank trains a missing tokenizer, the others load it
+            self.tokenizer = load_or_train_tokenizer(cfg, sources)
+        self._build_checkpointing()
+        resume_candidates = self.checkpoints.resume_candidates()
+        self._build_model_and_engine(fresh_start=not resume_candidates)
+        self._build_data(sources)
+        self._build_logging()
+        self.step = 0  # optimizer steps done; the data's position and the checkpoints are its own facts
+        self.tokens_seen = 0
+        self.exit_code = 0  # PREEMPTED_EXIT_CODE or INTERRUPTED_EXIT_CODE once a signal stopped the run
+        self.checkpoints.track({"engine": self.engine, "train": self})
+        self.resume(resume_candidates)
+        if self.dist.is_main:  # only once the run is known to start: a refused resume keeps the old one
+            save_config(cfg, cfg.out_dir)
+        self._log_summary()
+
+    def _join_job(self, dist: DistInfo) -> None:
+        """The process group and the mesh (how the ranks divide the work), this rank's device."""
+        cfg = self.cfg
+        self.dist, self.device = dist, dist.device
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.grad_accum = grad_accum_steps(cfg, self.dist.world_size)
-        self.out_dir = Path(cfg.out_dir)
-        self.owns_process_group = init_process_group(self.dist, cfg.parallel.timeout_s,
+        self.dims = ParallelDims.from_config(cfg.parallel, dist.world_size)
+        self.grad_accum = grad_accum_steps(cfg, self.dims.dp_size)
+        self.owns_process_group = init_process_group(dist, cfg.parallel.timeout_s,
                                                      always=cfg.parallel.backend != "none")
+        if torch.distributed.is_initialized():
+            self.dims = self.dims.with_mesh(self.device.type)
         if self.device.type == "cpu" and keep_freed_memory():
             log.info("malloc tuned to keep freed memory (faster CPU steps; see hardware.keep_freed_memory)")
-        preflight = run_preflight(cfg, self.dist, measure=False)  # memory, disk, ranks: before any compute
+
+    def _check_before_compute(self) -> None:
+        """Preflight (memory, disk, ranks), then the out_dir's lock: before any compute or write."""
+        preflight = run_preflight(self.cfg, self.dist, measure=False)
         if self.dist.is_main:
             log.info("preflight:\n  %s", "\n  ".join(format_report(preflight)))
         preflight.raise_on_failure()
         # One run per out_dir, decided before anything is written there; held by rank 0.
         self.run_lock = lock_out_dir(self.out_dir, self.dist.is_main, any_rank)
-        sources = open_sources(cfg.data)  # lists every file: a missing one fails before any compute
-        with main_rank_first(self.dist):  # one rank trains a missing tokenizer, the others load it
-            self.tokenizer = load_or_train_tokenizer(cfg, sources)
-        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+    def _build_checkpointing(self) -> None:
+        """Fault drills, the checkpoint manager (it repairs interrupted writes), the step guard and
+        its ledger of bad steps."""
+        cfg, restarts = self.cfg, launch_env().restart_count
         if restarts and self.dist.is_main:
             log.warning("restart %d of this job by torchrun (after a process failed): resuming from the newest "
                         "complete checkpoint", restarts)
@@ -80,46 +109,54 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist, self.faults)
         self.guard = StepGuard(cfg.train)
         self.ledger = BadBatchLedger(cfg.out_dir, self.dist.is_main)
-        resume_candidates = self.checkpoints.resume_candidates()
-        initial_weights = None
-        if cfg.checkpoint.init_from and not resume_candidates:
+
+    def _build_model_and_engine(self, fresh_start: bool) -> None:
+        """The model on meta, parallelized, materialised and initialised (from checkpoint.init_from
+        when the run starts fresh), with its optimizer and LR schedule (the engine's)."""
+        cfg, initial_weights = self.cfg, None
+        if cfg.checkpoint.init_from and fresh_start:
             from pretrain.export.weights import load_weights
 
             initial_weights = load_weights(Path(cfg.checkpoint.init_from))
             log.info("initial weights from %s (checkpoint.init_from)", cfg.checkpoint.init_from)
         with torch.device("meta"):
-            model = Transformer(cfg.model)
-        self.engine = build_engine(model, cfg, self.dist, self.precision, initial_weights)
+            model = model_spec(cfg.model).build(cfg.model)
+        self.engine = build_engine(model, cfg, self.dist, self.dims, self.precision, initial_weights)
         del initial_weights
-        self.model, self.optimizer = self.engine.model, self.engine.optimizer
+        self.model, self.optimizer, self.scheduler = self.engine.model, self.engine.optimizer, self.engine.scheduler
         # Identical init on every rank (above); from here on each rank draws its own random numbers.
         torch.manual_seed(cfg.train.seed + self.dist.rank)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
-        self.train_data = TrainData(cfg, self.tokenizer, self.dist.rank, self.dist.world_size, sources)
+
+    def _build_data(self, sources: list) -> None:
+        """This data-parallel rank's share of the training stream and of the held-out batches."""
+        cfg, dims = self.cfg, self.dims
+        self.train_data = TrainData(cfg.data, cfg.train, self.tokenizer, dp_rank=dims.dp_rank, dp_size=dims.dp_size,
+                                    dp_group=dims.dp_group, sources=sources)
         self.val_sets = None
         if cfg.eval.every:  # built now so an empty split fails before any compute
-            self.val_sets = validation_sets(cfg, self.tokenizer, cfg.eval.batches, self.dist.rank,
-                                            self.dist.world_size, sources)
+            self.val_sets = validation_sets(cfg.data, self.tokenizer, micro_batch_size=cfg.train.micro_batch_size,
+                                            max_batches=cfg.eval.batches, dp_rank=dims.dp_rank,
+                                            dp_size=dims.dp_size, sources=sources)
             self.token_bytes = torch.from_numpy(self.tokenizer.token_byte_lengths()).to(self.device)
+
+    def _build_logging(self) -> None:
+        """The metric logger, the eval hooks, and what MFU is measured against."""
+        cfg = self.cfg
         self.metrics = MetricLogger.for_config(cfg, enabled=self.dist.is_main)
         self.hooks = HookRunner(cfg, self.metrics.log, enabled=self.dist.is_main)
-
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_flops, peak_source, self.measured_flops = mfu_reference(
+        self.peak_flops, self.peak_source, self.measured_flops = mfu_reference(
             self.out_dir, self.device, self.precision, cfg.logging.peak_flops, write=self.dist.is_main)
-        self.step = 0
-        self.tokens_seen = 0
-        self.exit_code = 0  # PREEMPTED_EXIT_CODE or INTERRUPTED_EXIT_CODE once a signal stopped the run
-        self.resume(resume_candidates)
-        if self.dist.is_main:  # only once the run is known to start: a refused resume keeps the old one
-            save_config(cfg, cfg.out_dir)
+
+    def _log_summary(self) -> None:
+        cfg = self.cfg
         log.info(
             "model: %.2fM parameters (%.2fM without embeddings), %.3g FLOPs/token | %s %s | "
             "global batch %d tokens = %d micro-batches x %d x %d tokens x %d ranks (%s) | peak %.3g FLOP/s (%s)",
             count_params(cfg.model) / 1e6, count_params(cfg.model, include_embeddings=False) / 1e6,
             self.flops_per_token, self.device, self.precision, cfg.train.global_batch_tokens,
-            self.grad_accum, cfg.train.micro_batch_size, cfg.data.seq_len, self.dist.world_size,
-            backend_name(cfg.parallel), self.peak_flops, peak_source,
+            self.grad_accum, cfg.train.micro_batch_size, cfg.data.seq_len, self.dims.dp_size,
+            backend_name(cfg.parallel), self.peak_flops, self.peak_source,
         )
 
     def train(self) -> int:
@@ -192,8 +229,7 @@ class Trainer:
 
     def run_hooks(self) -> None:
         """Hand newly published checkpoints to the eval hooks; log results that came back."""
-        published, self.checkpoints.published = self.checkpoints.published, []
-        for step, path in published:
+        for step, path in self.checkpoints.take_published():
             self.hooks.checkpoint_ready(path, step)
         self.hooks.poll()
 
@@ -249,8 +285,8 @@ class Trainer:
         """The guard's verdict on this step, from the loss averaged over ranks and the gradient
         norm (non-finite on any rank counts for all): the same on every rank."""
         nonfinite = (~torch.isfinite(grad_norm.detach())).float().to(loss.device)
-        totals = sum_over_ranks(torch.stack([loss.detach().float(), nonfinite]).cpu())
-        mean_loss, any_nonfinite = totals[0].item() / self.dist.world_size, totals[1].item() > 0
+        totals = sum_over_ranks(torch.stack([loss.detach().float(), nonfinite]).cpu(), self.dims.dp_group)
+        mean_loss, any_nonfinite = totals[0].item() / self.dims.dp_size, totals[1].item() > 0
         return self.guard.judge(mean_loss, math.inf if any_nonfinite else grad_norm.item())
 
     def handle_bad_step(self, verdict: Verdict) -> bool:
@@ -284,7 +320,7 @@ class Trainer:
         window between them is never trained on (the ledger keeps that across restarts)."""
         data_after = self.train_data.state_dict()  # collective: every rank is here
         self.checkpoints.finish()
-        candidates = list(reversed(complete_checkpoints(self.checkpoints.root)))
+        candidates = self.checkpoints.newest_first()
         if not candidates:
             self.ledger.record({**entry, "action": "stop"})
             raise PretrainError(f"step {self.step}: {entry['reason']}; train.on_nonfinite/on_loss_spike=rollback, but "
@@ -305,7 +341,7 @@ class Trainer:
         self.metrics.log({
             "step": self.step,
             "max_steps": self.cfg.train.max_steps,
-            "loss": (sum_over_ranks(loss) / self.dist.world_size).item(),  # each rank's share of the batch
+            "loss": (sum_over_ranks(loss, self.dims.dp_group) / self.dims.dp_size).item(),  # each dp rank's share
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm.item(),
             "tokens": self.tokens_seen,
@@ -322,7 +358,8 @@ class Trainer:
         (pretrain/evaluation/validation.py); logged, the weighted loss returned."""
         metrics = validation_metrics(self.model, self.val_sets, self.token_bytes,
                                      {s.name: s.weight for s in self.cfg.data.sources}, self.device,
-                                     self.engine.autocast, sum_over_ranks)  # each rank evaluated its share
+                                     self.engine.autocast,  # each data-parallel rank evaluated its share
+                                     functools.partial(sum_over_ranks, group=self.dims.dp_group))
         self.metrics.log({"step": self.step, "tokens": self.tokens_seen, **metrics})
         return metrics["val_loss"]
 
@@ -364,8 +401,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         try:
-            blocked = self.checkpoints.save(self.step, self.engine, self.state_dict(), config_to_yaml(self.cfg),
-                                            self.tokenizer.path)
+            blocked = self.checkpoints.save(self.step, config_to_yaml(self.cfg), self.tokenizer.path)
         except KeyboardInterrupt:
             raise StopNow(self.checkpoints.interrupted_save(self.step)) from None
         if self.cfg.checkpoint.async_save:
@@ -379,7 +415,7 @@ class Trainer:
         problems = []
         for path in candidates:
             try:
-                self.load_state_dict(self.checkpoints.load(path, self.engine, self.cfg.model))
+                self.checkpoints.load(path, self.cfg.model)  # the engine's state, then this one's
                 return
             except CorruptCheckpoint as exc:
                 if self.cfg.checkpoint.resume_from:

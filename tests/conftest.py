@@ -61,6 +61,8 @@ def tiny_overrides(run_dir: Path, corpus: Path, tokenizer_path: Path, **extra: o
         "eval.every": 0, "eval.sample_tokens": 0, "logging.every": 1, "logging.peak_flops": 1e12,
     }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
+    if values.get("model.name") == "gpt2":
+        del values["model.n_kv_heads"]  # a Llama key: GPT-2's keys and values have every head
     return [f"--{key}={'null' if value is None else value}" for key, value in values.items()]
 
 
@@ -138,6 +140,21 @@ def rows_of(batches) -> list[tuple[int, ...]]:
     return [tuple(x.tolist()) + (y[-1].item(),) for inputs, labels, _ in batches for x, y in zip(inputs, labels)]
 
 
+def train_data(cfg: Config, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1):
+    """The TrainData of data-parallel rank `dp_rank` of `dp_size` for a validated config."""
+    from pretrain.data import TrainData
+
+    return TrainData(cfg.data, cfg.train, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
+
+
+def held_out(cfg: Config, tokenizer: Tokenizer, max_batches: int, dp_rank: int = 0, dp_size: int = 1):
+    """validation_batches of data-parallel rank `dp_rank` of `dp_size` for a validated config."""
+    from pretrain.data import validation_batches
+
+    return validation_batches(cfg.data, tokenizer, micro_batch_size=cfg.train.micro_batch_size,
+                              max_batches=max_batches, dp_rank=dp_rank, dp_size=dp_size)
+
+
 def take(data, steps: int) -> list[list[tuple[int, ...]]]:
     """The rows of the next `steps` global batches of a TrainData, which is closed afterwards."""
     try:
@@ -160,3 +177,37 @@ def time_limit(seconds: float, what: str):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# Multi-process runs that several test files check, trained once per session.
+FSDP_TWO_RANKS = {"parallel__backend": "fsdp", "model__tie_embeddings": False}
+# DeepSpeed's own format, parameters partitioned; a tied head and wrapped blocks
+ZERO3_TIED_TWO_RANKS = {"parallel__backend": "deepspeed", "parallel__zero_stage": 3,
+                        "parallel__activation_checkpointing": "selective", "model__tie_embeddings": True}
+
+
+def two_rank_run(tmp_path_factory, corpus_file: Path, tokenizer_file: Path, name: str, extra: dict) -> Path:
+    from tests.distributed.ranks import run_ranks
+    from tests.distributed.runs import rank_train
+
+    run = tmp_path_factory.mktemp(name)
+    run_ranks(rank_train, 2, run, corpus_file, tokenizer_file, extra)
+    return run
+
+
+@pytest.fixture(scope="session")
+def fsdp_two_ranks(tmp_path_factory, corpus_file, tokenizer_file) -> Path:
+    """The shared tiny run (tests/distributed/runs.py) on 2 ranks under FSDP, uninterrupted: the
+    parity tests check it against one process, the resharding tests resume other runs against it."""
+    return two_rank_run(tmp_path_factory, corpus_file, tokenizer_file, "fsdp_two_ranks", FSDP_TWO_RANKS)
+
+
+@pytest.fixture(scope="session")
+def zero3_tied_two_ranks(tmp_path_factory, corpus_file, tokenizer_file) -> Path:
+    """The shared tiny run on 2 ranks under ZeRO-3 with a tied head and activation checkpointing,
+    with a checkpoint of its last step: the parity tests check its losses, the export tests read
+    its checkpoint."""
+    from tests.distributed.runs import STEPS
+
+    return two_rank_run(tmp_path_factory, corpus_file, tokenizer_file, "zero3_tied_two_ranks",
+                        {**ZERO3_TIED_TWO_RANKS, "checkpoint__every": STEPS})

@@ -46,11 +46,33 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 
 
 def read_manifest(path: Path) -> dict | None:
+    """The checkpoint's manifest, or None when `path` has no readable one (not a checkpoint, or an
+    incomplete one)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) and isinstance(manifest.get("step"), int) else None
+
+
+def check_format(path: Path, manifest: Mapping[str, Any], fix: str | None = None) -> None:
+    """Raise PretrainError when the checkpoint at `path` has another format_version than this
+    version of pretrain reads; `fix` (what the caller's user can do) ends the message."""
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PretrainError(f"{path} has checkpoint format {manifest.get('format_version')}, this version of "
+                            f"pretrain reads format {FORMAT_VERSION}" + (f"; {fix}" if fix else ""))
+
+
+def require_manifest(path: Path, format_fix: str | None = None) -> dict:
+    """The manifest of the complete checkpoint at `path`, in the format this version reads;
+    PretrainError naming the fix otherwise (`format_fix`: see check_format)."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise PretrainError(f"{path} is not a complete checkpoint (no readable {MANIFEST}); pass a directory "
+                            "like OUT_DIR/checkpoints/step_00001000 (a crash while saving leaves an incomplete one: "
+                            "take the previous step)")
+    check_format(path, manifest, format_fix)
+    return manifest
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -105,6 +127,7 @@ def check_shapes(expected: Mapping[str, torch.Size], weights: Mapping[str, torch
 # Which config values decide a parameter's shape (or, for layers.N, whether it exists).
 _SHAPE_FIELDS = (
     (r"tok_embeddings|output", ("vocab_size", "d_model")),
+    (r"pos_embeddings", ("max_seq_len", "d_model")),  # GPT-2's learned positions
     (r"\.w[qo]\.", ("d_model", "n_heads")),
     (r"\.w[kv]\.", ("d_model", "n_heads", "n_kv_heads")),
     (r"feed_forward", ("d_model", "ffn_hidden")),

@@ -15,10 +15,12 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.stateful import Stateful
 
 from pretrain.resilience.atomic_dir import publish, temporary_path, temporary_sibling
 from pretrain.checkpoint.layout import (
@@ -37,11 +39,19 @@ from pretrain.checkpoint.layout import (
 from pretrain.config.schema import CheckpointConfig
 from pretrain.errors import CorruptCheckpoint, PretrainError
 from pretrain.resilience.faults import FaultInjector
-from pretrain.models.args import ModelArgs
+from pretrain.models import DEFAULT_MODEL, AnyModelArgs, model_spec
 from pretrain.parallel import DistInfo, Engine, barrier, first_failure, side_group
 from pretrain.checkpoint.safe_load import refusal
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointStates(TypedDict):
+    """What a checkpoint holds, by part."""
+
+    engine: Engine  # model and optimizer, written and read by the engine in its own format
+    train: Stateful  # everything else a bit-exact resume needs (the trainer), in trainer_state.pt
+
 
 @dataclass
 class _PendingSave:
@@ -53,32 +63,59 @@ class _PendingSave:
 
 class CheckpointManager:
     """Saves (synchronously, or in the background with checkpoint.async), prunes and restores
-    checkpoints. Every method that takes an engine is called on every rank."""
+    checkpoints of the parts given to `track()`. Saving and loading are called on every rank.
+
+    Made before the parts exist: whether there is a checkpoint to resume from decides the
+    model's initial weights (checkpoint.init_from only applies to a fresh run)."""
 
     def __init__(self, cfg: CheckpointConfig, out_dir: str, dist_info: DistInfo, faults: FaultInjector | None = None):
         self.cfg, self.dist = cfg, dist_info
         self.faults = faults or FaultInjector(dist_info.rank, spec="")
         self.root = Path(out_dir) / "checkpoints"
+        self.states: CheckpointStates | None = None
         self.pending: _PendingSave | None = None
         self.saved_step: int | None = None  # the newest checkpoint this run saved or resumed from
-        self.published: list[tuple[int, Path]] = []  # (step, directory) of completed saves, for eval hooks
+        self._published: list[tuple[int, Path]] = []  # (step, directory) of completed saves, for eval hooks
         self.group = side_group() if cfg.async_save else None
         if dist_info.is_main:
             recover_interrupted_writes(self.root)
 
+    def track(self, states: CheckpointStates) -> None:
+        """The parts every checkpoint saves and every resume restores."""
+        self.states = states
+
+    def _tracked(self) -> CheckpointStates:
+        assert self.states is not None, "track() the engine and the training state before saving or loading"
+        return self.states
+
     # -- choosing ------------------------------------------------------------------------------
+    def newest_first(self) -> list[Path]:
+        """This run's complete checkpoints, newest first."""
+        return list(reversed(complete_checkpoints(self.root)))
+
+    def latest(self) -> Path | None:
+        """This run's newest complete checkpoint, if any."""
+        return next(iter(self.newest_first()), None)
+
     def resume_candidates(self) -> list[Path]:
         """Where to resume from, best first: checkpoint.resume_from alone, else (with
         checkpoint.resume) every checkpoint newest first (load() refuses a damaged one)."""
         if self.cfg.resume_from:
             return [Path(self.cfg.resume_from)]
-        return list(reversed(complete_checkpoints(self.root))) if self.cfg.resume else []
+        return self.newest_first() if self.cfg.resume else []
+
+    def take_published(self) -> list[tuple[int, Path]]:
+        """(step, directory) of each checkpoint published since the last call, oldest first."""
+        published, self._published = self._published, []
+        return published
 
     # -- saving --------------------------------------------------------------------------------
-    def save(self, step: int, engine: Engine, state: dict, config_yaml: str, tokenizer_path: str) -> float:
-        """Write a checkpoint for `step`; returns the seconds the caller was blocked. With
-        checkpoint.async the model and optimizer are copied to memory and written by a background
-        thread: the checkpoint appears once `poll()` or `finish()` sees the write complete."""
+    def save(self, step: int, config_yaml: str, tokenizer_path: str) -> float:
+        """Write a checkpoint of the tracked parts for `step`, with the run's config and tokenizer
+        beside them; returns the seconds the caller was blocked. With checkpoint.async the model
+        and optimizer are copied to memory and written by a background thread: the checkpoint
+        appears once `poll()` or `finish()` sees the write complete."""
+        engine, state = self._tracked()["engine"], self._tracked()["train"].state_dict()  # a collective
         start = time.perf_counter()
         self.finish()  # one write at a time
         final = checkpoint_dir(self.root, step)
@@ -126,18 +163,18 @@ class CheckpointManager:
             return
         if self.dist.is_main:
             shutil.rmtree(temporary_path(final), ignore_errors=True)
-        previous = complete_checkpoints(self.root)
-        kept = f"the newest complete checkpoint, {previous[-1]}, is intact" if previous else "no earlier checkpoint exists"
+        previous = self.latest()
+        kept = f"the newest complete checkpoint, {previous}, is intact" if previous else "no earlier checkpoint exists"
         raise PretrainError(f"writing checkpoint {final} failed ({reason}); {kept}. "
                             f"Free disk space or fix the permissions of {self.root} (checkpoint.keep_last limits how "
                             "many are kept), then restart: training resumes from the newest complete checkpoint")
 
     def what_is_kept(self) -> str:
         """What a stop without saving leaves to resume from, and what the same command then does."""
-        previous = complete_checkpoints(self.root)
+        previous = self.latest()
         if not previous:
             return "no checkpoint exists yet: the same command starts over"
-        return f"the newest complete checkpoint, {previous[-1]}, is intact: the same command resumes from it"
+        return f"the newest complete checkpoint, {previous}, is intact: the same command resumes from it"
 
     def interrupted_save(self, step: int) -> str:
         """What happened when a second Ctrl-C stopped the write of `step`'s checkpoint."""
@@ -176,7 +213,7 @@ class CheckpointManager:
         manifest = {**manifest, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         publish(tmp, final)  # a re-run of the same step replaces the old copy
-        self.published.append((step, final))
+        self._published.append((step, final))
         megabytes = sum(files.values()) / 1e6
         log.info("saved checkpoint %s (%.1f MB in %.1fs)", final, megabytes, time.perf_counter() - started)
         self.prune(keep=final)
@@ -199,11 +236,12 @@ class CheckpointManager:
             log.info("removed checkpoint %s (checkpoint.keep_last=%d)", path, self.cfg.keep_last)
 
     # -- restoring -----------------------------------------------------------------------------
-    def load(self, path: Path, engine: Engine, model: ModelArgs | None = None) -> dict:
-        """Restore model and optimizer in place from `path` and this rank's random state; return
-        the training state dict. A checkpoint that does not fit this run (its engine, or a model
-        section other than `model`) raises PretrainError before anything is restored; a damaged
-        one raises CorruptCheckpoint."""
+    def load(self, path: Path, model: AnyModelArgs | None = None) -> None:
+        """Restore the tracked parts in place from `path` (model and optimizer, then the training
+        state) and this rank's random state. A checkpoint that does not fit this run (its engine,
+        or a model section other than `model`) raises PretrainError before anything is restored;
+        a damaged one raises CorruptCheckpoint."""
+        engine, train = self._tracked()["engine"], self._tracked()["train"]
         manifest = read_manifest(path)
         problem = damage(path)
         if manifest is None or problem:
@@ -228,7 +266,7 @@ class CheckpointManager:
                      self.dist.world_size)
         self.saved_step = manifest["step"]
         log.info("resumed from %s (step %d)", path, manifest["step"])
-        return state
+        train.load_state_dict(state)
 
 
 def check_compatible(path: Path, manifest: dict, engine: Engine) -> None:
@@ -244,24 +282,25 @@ def check_compatible(path: Path, manifest: dict, engine: Engine) -> None:
                             "over with --checkpoint.resume=false or another out_dir")
 
 
-# Model keys that a resume may change: they shape no trained tensor and no computation up to the
-# length trained on (max_seq_len only extends the rotary tables), or only act at initialisation.
-FREE_ON_RESUME = ("max_seq_len", "init_std", "init_scaled_residual")
-
-
-def model_changes(saved: dict, model: ModelArgs) -> list[str]:
+def model_changes(saved: dict, model: AnyModelArgs) -> list[str]:
     """`model.KEY: saved -> now` for every key of the model's definition that differs between a
-    checkpoint's config and `model`; a key the checkpoint's config lacks had its default then."""
-    defaults = dataclasses.asdict(ModelArgs())
+    checkpoint's config and `model`; a key the checkpoint's config lacks had its default then.
+    Keys the family lets a resume change (ModelSpec.free_on_resume) are left out; another family
+    is the one change named."""
+    spec = model_spec(model)
+    family = saved.get("name", DEFAULT_MODEL)
+    if family != spec.name:
+        return [f"model.name: {family!r} in the checkpoint, {spec.name!r} now (another model family)"]
+    defaults = dataclasses.asdict(spec.args_class())
     changes = []
     for key, now in dataclasses.asdict(model).items():
         before = saved.get(key, defaults[key])
-        if key not in FREE_ON_RESUME and before != now:
+        if key not in spec.free_on_resume and before != now:
             changes.append(f"model.{key}: {before!r} in the checkpoint, {now!r} now")
     return changes
 
 
-def check_same_model(path: Path, model: ModelArgs) -> None:
+def check_same_model(path: Path, model: AnyModelArgs) -> None:
     """Refuse to resume into a model other than the one the checkpoint trained. Tensor shapes
     alone do not show it: n_heads 8 -> 4 keeps every shape and silently changes the model."""
     try:

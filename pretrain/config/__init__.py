@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from pretrain.config.schema import (
     PREPARED_MANIFEST,
-    SUPPORTED_FILES,
     CheckpointConfig,
     Config,
     DataConfig,
@@ -19,12 +18,11 @@ from pretrain.config.schema import (
     SourceConfig,
     TokenizerConfig,
     TrainConfig,
-    data_file_kind,
 )
 
-__all__ = ["PREPARED_MANIFEST", "SUPPORTED_FILES", "CheckpointConfig", "Config", "DataConfig", "EvalConfig",
-           "LoggingConfig", "OptimConfig", "ParallelConfig", "SourceConfig", "TokenizerConfig", "TrainConfig",
-           "config_reference", "config_to_yaml", "data_file_kind", "grad_accum_steps", "load_config", "save_config"]
+__all__ = ["PREPARED_MANIFEST", "CheckpointConfig", "Config", "DataConfig", "EvalConfig", "LoggingConfig",
+           "OptimConfig", "ParallelConfig", "SourceConfig", "TokenizerConfig", "TrainConfig", "config_reference",
+           "config_to_yaml", "grad_accum_steps", "load_config", "save_config"]
 
 if TYPE_CHECKING:
     from pretrain.config.load import config_reference, config_to_yaml, grad_accum_steps, load_config, save_config

@@ -9,18 +9,20 @@ import math
 import os
 import re
 
+from pretrain.config.parse import show
 from pretrain.config.schema import (
-    BUILTIN_SOURCES,
     PREPARED_MANIFEST,
     Config,
     DataConfig,
     ParallelConfig,
     SourceConfig,
 )
-from pretrain.config.parse import show
+from pretrain.data.builtin import BUILTIN_SOURCES
 from pretrain.data.files import BAD_PATTERN, has_glob, is_url, matches, pattern_problem
 from pretrain.errors import ConfigError, PretrainError
-from pretrain.models.args import ModelArgs
+from pretrain.models.args import divisors as _divisors
+from pretrain.models.registry import AnyModelArgs, model_spec
+from pretrain.parallel.dims import ParallelDims, dp_degrees
 
 
 def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Config:
@@ -29,9 +31,12 @@ def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Con
         raise ConfigError([f"the world size is {world_size}; it must be >= 1 (WORLD_SIZE is set by torchrun, "
                            "or leave it unset for one process)"], source)
     problems: list[str] = []
+    parallel_problems = _check_parallel(cfg.parallel, world_size)
+    # The batch is split over the data-parallel ranks (all of them while tp, cp and pp are 1)
+    dp_size = world_size if parallel_problems else ParallelDims.from_config(cfg.parallel, world_size).dp_size
     problems += _check_model(cfg.model)
     problems += _check_data(cfg.data)
-    problems += _check_batch(cfg, world_size)
+    problems += _check_batch(cfg, dp_size)
     problems += _check_schedule(cfg)
     if cfg.tokenizer.vocab_size < 300:
         problems.append(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small: the 256 byte-fallback "
@@ -63,57 +68,38 @@ def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Con
     if cfg.eval.every > 0 and cfg.data.val_fraction == 0:
         problems.append(f"eval.every={cfg.eval.every} needs held-out data but data.val_fraction=0; "
                         "set data.val_fraction=0.01 or eval.every=0")
-    problems += _check_parallel(cfg.parallel, world_size)
+    problems += parallel_problems
     if cfg.parallel.compile and cfg.train.compile is False:
         problems.append("parallel.compile=true (the key's older place) contradicts train.compile=false; drop "
                         "parallel.compile")
     if problems:
         raise ConfigError(problems, source)
-    model = cfg.model
-    if model.max_seq_len is None:
-        model = dataclasses.replace(model, max_seq_len=cfg.data.seq_len)
+    cfg = with_max_seq_len(cfg)
     train = cfg.train
     if cfg.parallel.compile:
         train = dataclasses.replace(train, compile=True)
     if train.global_batch_tokens is None:
-        sequences = train.global_batch_sequences or train.micro_batch_size * world_size
+        sequences = train.global_batch_sequences or train.micro_batch_size * dp_size
         train = dataclasses.replace(train, global_batch_tokens=sequences * cfg.data.seq_len,
                                     global_batch_sequences=None)
     sequences = train.global_batch_tokens // cfg.data.seq_len
     if cfg.data.lanes is not None and (cfg.data.lanes <= 0 or cfg.data.lanes % sequences):
         raise ConfigError([f"data.lanes={cfg.data.lanes} must be a positive multiple of the global batch of "
                            f"{sequences} sequences, e.g. {sequences * max(1, -(-256 // sequences))}"], source)
-    return dataclasses.replace(cfg, model=model, train=train)
+    return dataclasses.replace(cfg, train=train)
 
 
-def _divisors(n: int) -> str:
-    if n > 10**12:  # a trial division up to sqrt(n) would take minutes
-        return f"{{the divisors of {n}}}"
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return "{" + ", ".join(str(d) for d in sorted({*small, *(n // d for d in small)})) + "}"
+def with_max_seq_len(cfg: Config) -> Config:
+    """`cfg` with model.max_seq_len derived: data.seq_len when it is null. validate() fills it in, and
+    the exporter for configs that were not validated (hand-written ones beside a checkpoint)."""
+    if cfg.model.max_seq_len is not None:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_len=cfg.data.seq_len))
 
 
-def _check_model(m: ModelArgs) -> list[str]:
-    problems = []
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
-        if getattr(m, name) <= 0:
-            problems.append(f"model.{name}={getattr(m, name)} must be a positive integer")
-    if problems:
-        return problems
-    if m.d_model % m.n_heads:
-        problems.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; choose "
-                        f"n_heads in {_divisors(m.d_model)} or a d_model that is a multiple of {m.n_heads}")
-    elif m.head_dim % 2:
-        problems.append(f"model.d_model / model.n_heads = {m.head_dim} is odd, but rotary embeddings need an "
-                        "even head dimension; change d_model or n_heads")
-    if m.n_heads % m.n_kv_heads:
-        problems.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
-                        f"choose n_kv_heads in {_divisors(m.n_heads)}")
-    if m.max_seq_len is not None and m.max_seq_len <= 0:
-        problems.append(f"model.max_seq_len={m.max_seq_len} must be positive (or null for data.seq_len)")
-    if m.init_std <= 0:
-        problems.append(f"model.init_std={m.init_std} must be positive, e.g. 0.02")
-    return problems
+def _check_model(m: AnyModelArgs) -> list[str]:
+    """The model section's rules are its family's own (ModelSpec.check)."""
+    return model_spec(m).check(m)
 
 
 def _check_data(d: DataConfig) -> list[str]:
@@ -190,7 +176,9 @@ def _check_source_path(src: SourceConfig, key: str, check_files: bool = True) ->
     return problems
 
 
-def _check_batch(cfg: Config, world_size: int) -> list[str]:
+def _check_batch(cfg: Config, dp_size: int) -> list[str]:
+    """The global batch splits evenly into micro-batches over the `dp_size` data-parallel ranks
+    (called the world size in the message: the two are equal until tp, cp and pp exist)."""
     t, seq = cfg.train, cfg.data.seq_len
     problems = []
     if t.micro_batch_size <= 0:
@@ -198,21 +186,21 @@ def _check_batch(cfg: Config, world_size: int) -> list[str]:
     if t.global_batch_tokens is not None and t.global_batch_sequences is not None:
         return ["give only one of train.global_batch_tokens and train.global_batch_sequences "
                 f"(got {t.global_batch_tokens} and {t.global_batch_sequences}); set the other to null"]
-    sequences = t.global_batch_sequences or t.micro_batch_size * world_size
+    sequences = t.global_batch_sequences or t.micro_batch_size * dp_size
     if t.global_batch_tokens is not None:
         if t.global_batch_tokens <= 0 or seq <= 0 or t.global_batch_tokens % seq:
             lower = max(seq, t.global_batch_tokens // max(seq, 1) * seq)
             return [f"train.global_batch_tokens={t.global_batch_tokens} is not a positive multiple of "
                     f"data.seq_len={seq}; use e.g. {lower} or {lower + seq}"]
         sequences = t.global_batch_tokens // seq
-    per_step = t.micro_batch_size * world_size
+    per_step = t.micro_batch_size * dp_size
     if sequences <= 0 or sequences % per_step:
         lower = max(per_step, sequences // per_step * per_step)
         unit = "sequences" if t.global_batch_tokens is None else "tokens"
         scale = 1 if t.global_batch_tokens is None else seq
         problems.append(
             f"the global batch of {sequences} sequences is not divisible by train.micro_batch_size="
-            f"{t.micro_batch_size} x world size {world_size} = {per_step}; set the global batch to "
+            f"{t.micro_batch_size} x world size {dp_size} = {per_step}; set the global batch to "
             f"{lower * scale} or {(lower + per_step) * scale} {unit}, or change micro_batch_size"
         )
     return problems
@@ -244,8 +232,8 @@ def _check_parallel(p: ParallelConfig, world_size: int) -> list[str]:
                         f"mesh but parallel.backend={p.backend!r}; use --parallel.backend=fsdp or drop them")
     elif p.replicate < 1 or (p.shard is not None and p.shard < 1):
         problems.append(f"parallel.replicate={p.replicate} and parallel.shard={p.shard} must be >= 1")
-    elif math.prod(p.mesh_shape(world_size)) != world_size:
-        problems.append(f"parallel.replicate={p.replicate} x parallel.shard={p.mesh_shape(world_size)[1]} must "
+    elif p.backend == "fsdp" and math.prod(dp_degrees(p, world_size)) != world_size:
+        problems.append(f"parallel.replicate={p.replicate} x parallel.shard={dp_degrees(p, world_size)[1]} must "
                         f"equal the world size "
                         f"{world_size}; choose replicate in {_divisors(world_size)} and leave shard unset")
     if p.offload_params and not (p.backend == "deepspeed" and p.zero_stage == 3):

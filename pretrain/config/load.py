@@ -3,7 +3,6 @@ rules of pretrain/config/checks.py, every problem reported at once before any co
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import yaml
@@ -11,7 +10,8 @@ import yaml
 from pretrain.config.checks import validate
 from pretrain.config.parse import apply_override, build, load_yaml_text, parse_overrides, reference, to_dict
 from pretrain.config.schema import Config
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, PretrainError
+from pretrain.parallel.launch_env import launch_env
 
 
 def load_config(path: str | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
@@ -44,17 +44,17 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int | N
     if problems:
         raise ConfigError(problems, source)
     if world_size is None:
-        text = os.environ.get("WORLD_SIZE", "1")
-        if not text.isdigit():
-            raise ConfigError([f"the environment variable WORLD_SIZE={text!r} is not a whole number; launch with "
-                               "torchrun, which sets it, or unset it"], source)
-        world_size = int(text)
+        try:
+            world_size = launch_env().world_size
+        except PretrainError as exc:  # torchrun's variables, malformed
+            raise ConfigError([str(exc)], source) from None
     return validate(config, world_size, source)
 
 
-def grad_accum_steps(cfg: Config, world_size: int) -> int:
-    """Micro-batches per rank per optimizer step (exact: validate() checked divisibility)."""
-    per_micro_step = cfg.train.micro_batch_size * cfg.data.seq_len * world_size
+def grad_accum_steps(cfg: Config, dp_size: int) -> int:
+    """Micro-batches per data-parallel rank per optimizer step, for `dp_size` such ranks
+    (ParallelDims.dp_size; exact: validate() checked divisibility)."""
+    per_micro_step = cfg.train.micro_batch_size * cfg.data.seq_len * dp_size
     return cfg.train.global_batch_tokens // per_micro_step
 
 

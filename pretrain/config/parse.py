@@ -164,6 +164,8 @@ def convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if tagged_members(tp):
+            return _build_tagged(tagged_members(tp), value, key, problems)
         return convert(value, inner[0], key, problems)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key, problems)
@@ -189,6 +191,36 @@ def convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
                                 f"'{k}'")
         return {k: convert(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
     return _convert_scalar(value, tp, key, problems)
+
+
+def tagged_members(tp: Any) -> dict[str, type]:
+    """For a union of dataclasses that each have a `name` field (a tagged union, such as the model
+    families of the `model:` section): name -> dataclass, the default member first. Else {}."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return {}
+    members = typing.get_args(tp)
+    if not all(dataclasses.is_dataclass(m) and "name" in {f.name for f in dataclasses.fields(m)} for m in members):
+        return {}
+    return {next(f.default for f in dataclasses.fields(m) if f.name == "name"): m for m in members}
+
+
+def _build_tagged(members: dict[str, type], data: Any, key: str, problems: list[str]) -> Any:
+    """The member of a tagged union that `data`'s `name` picks (the first when it has none), built
+    with that member's keys: a key of another member is an unknown key here."""
+    if not isinstance(data, dict) or "name" not in data:
+        return build(next(iter(members.values())), data, key, problems)
+    name = data["name"]
+    if not isinstance(name, str) or name not in members:
+        hint = did_you_mean(name, members) if isinstance(name, str) else ""
+        problems.append(f"{key}.name={show(name)} is not one of {', '.join(map(repr, members))}{hint}")
+        return None
+    own = {yaml_key(f) for f in dataclasses.fields(members[name])}
+    foreign = {k: other for k in data if k not in own
+               for other, member in members.items() if k in {yaml_key(f) for f in dataclasses.fields(member)}}
+    for k, other in foreign.items():
+        problems.append(f"{key}.{k} is a key of {key}.name={other}, not of {key}.name={name}; remove it, or "
+                        f"set {key}.name={other}")
+    return build(members[name], {k: v for k, v in data.items() if k not in foreign}, key, problems)
 
 
 def _convert_scalar(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
@@ -245,8 +277,9 @@ def to_dict(obj: Any) -> Any:
         return [to_dict(item) for item in obj]
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
-    if dataclasses.is_dataclass(obj):
-        return {yaml_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if dataclasses.is_dataclass(obj):  # a field marked `implied` goes without saying (llama's model.name)
+        return {yaml_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get("implied")}
     return copy.deepcopy(obj)
 
 
@@ -254,7 +287,7 @@ def reference(root: type) -> str:
     """Every key of dataclass `root`, nested sections included, with its type, default and help text."""
     lines = []
 
-    def walk(cls: type, prefix: str) -> None:
+    def walk(cls: type, prefix: str, skip: tuple[str, ...] = ()) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             key = f"{prefix}{yaml_key(f)}"
@@ -263,8 +296,25 @@ def reference(root: type) -> str:
                 lines.append(f"\n  [{key}] {f.metadata.get('help', '')}")
                 walk(tp, key + ".")
                 continue
+            if tagged_members(tp):
+                walk_tagged(tagged_members(tp), key, f.metadata.get("help", ""))
+                continue
+            if f.name in skip:
+                continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  --{key}={_inline_yaml(to_dict(default))}  ({type_name(tp)})  {f.metadata.get('help', '')}")
+
+    def walk_tagged(members: dict[str, type], key: str, help: str) -> None:
+        """The section's `name` once, then each member's keys, the default member's first."""
+        (default, first), *others = members.items()
+        name_help = next(f.metadata.get("help", "") for f in dataclasses.fields(first) if f.name == "name")
+        lines.append(f"\n  [{key}] {help}")
+        lines.append(f"  --{key}.name={default}  ({' | '.join(map(repr, members))})  {name_help}")
+        walk(first, key + ".", skip=("name",))
+        for name, member in others:
+            summary = " ".join((member.__doc__ or "").split("\n\n")[0].split())
+            lines.append(f"\n  [{key}] with {key}.name={name}: {summary}")
+            walk(member, key + ".", skip=("name",))
 
     walk(root, "")
     return "\n".join(lines)

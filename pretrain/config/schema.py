@@ -7,24 +7,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pretrain.config.parse import option
-from pretrain.models.args import ModelArgs
+from pretrain.data.builtin import BUILTIN_SOURCES
+from pretrain.models.registry import AnyModelArgs, ModelArgs
 
-BUILTIN_SOURCES = ("python-docs",)
-FILE_KINDS = {"txt": (".txt",), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
-COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}  # parquet compresses inside the file
-SUPPORTED_FILES = ".txt, .jsonl or .json (each also as .gz or .zst) or .parquet"
 PREPARED_MANIFEST = "manifest.json"
-
-
-def data_file_kind(path: str) -> tuple[str, str | None] | None:
-    """("txt" | "jsonl" | "parquet", "gzip" | "zstd" | None) of a data file from its name, or
-    None for a file type we cannot read."""
-    compression = next((c for suffix, c in COMPRESSIONS.items() if path.endswith(suffix)), None)
-    base = path.rsplit(".", 1)[0] if compression else path
-    for kind, suffixes in FILE_KINDS.items():
-        if base.endswith(suffixes) and not (kind == "parquet" and compression):
-            return kind, compression
-    return None
 
 
 @dataclass(frozen=True)
@@ -34,7 +20,8 @@ class SourceConfig:
     name: str = option("", "label used in logs, metrics and prepared shards")
     # A string or a list of strings (the parser takes one type per field; config_checks checks it).
     path: Any = option("", "file, glob or URL (s3://... with s3fs), or a list of them, of .txt/.jsonl/.json"
-                           "[.gz|.zst]/.parquet files in any mix, or 'python-docs' (built in)")
+                           "[.gz|.zst]/.parquet files in any mix, or "
+                           f"{' or '.join(map(repr, BUILTIN_SOURCES))} (built in)")
     weight: float = option(1.0, "relative sampling weight in the mixture (share of training tokens)")
     text_field: str = option("text", "field holding the document text in .jsonl/.parquet files")
     max_epochs: int | None = option(None, "stop with an error instead of starting epoch max_epochs + 1 of this "
@@ -162,10 +149,6 @@ class ParallelConfig:
     timeout_s: float = option(600.0, "a collective that waits longer than this fails the job with an error "
                                      "naming the rank (instead of hanging)")
 
-    def mesh_shape(self, world_size: int) -> tuple[int, int]:
-        """(replicate, shard) of the FSDP mesh; shard defaults to world size / replicate."""
-        return self.replicate, self.shard or world_size // self.replicate
-
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -222,7 +205,7 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class Config:
     out_dir: str = option("runs/default", "where config.yaml, metrics.jsonl, samples and checkpoints go")
-    model: ModelArgs = option(ModelArgs(), "model shape")
+    model: AnyModelArgs = option(ModelArgs(), "model shape")
     data: DataConfig = option(DataConfig(), "training data")
     tokenizer: TokenizerConfig = option(TokenizerConfig(), "tokenizer")
     train: TrainConfig = option(TrainConfig(), "training loop")

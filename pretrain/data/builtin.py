@@ -1,6 +1,8 @@
-"""`python-docs`: the documentation text bundled with every Python install, the corpus that
-needs no download. Read from source with `ast`, never by importing modules (some have side
-effects on import, e.g. `antigravity` opens a browser)."""
+"""The corpora that ship with the install, which a source names instead of files.
+
+`python-docs`: the documentation text bundled with every Python install, the corpus that needs
+no download. Read from source with `ast`, never by importing modules (some have side effects on
+import, e.g. `antigravity` opens a browser)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import ast
 import functools
 import os
 import sysconfig
-from typing import Iterator
+from typing import Callable, Iterator
 
 # Test suites and demo/tool packages: mostly code fixtures, not documentation.
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "turtledemo",
@@ -20,6 +22,11 @@ def python_docs_documents() -> Iterator[str]:
     """Yield the pydoc topic pages, then one document per standard-library module made of its
     module, class and function docstrings. The order is fixed for a given Python version."""
     yield from _python_docs()
+
+
+# The corpora a source's `path` may name instead of files: name -> its documents. The config
+# (pretrain/config/schema.py) checks `path` against these names.
+BUILTIN_SOURCES: dict[str, Callable[[], Iterator[str]]] = {"python-docs": python_docs_documents}
 
 
 @functools.cache

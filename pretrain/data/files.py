@@ -4,16 +4,30 @@ the user configured a URL."""
 
 from __future__ import annotations
 
-import gzip
 import glob
+import gzip
 import io
 import os
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from pretrain.config.schema import SUPPORTED_FILES, data_file_kind
 from pretrain.errors import PretrainError
 
+# The data files a source reads: kind -> file name endings, and the compressions of txt and jsonl.
+FILE_KINDS = {"txt": (".txt",), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}  # parquet compresses inside the file
+SUPPORTED_FILES = ".txt, .jsonl or .json (each also as .gz or .zst) or .parquet"  # the two above, for messages
 _GLOB_CHARS = set("*?[")
+
+
+def data_file_kind(path: str) -> tuple[str, str | None] | None:
+    """("txt" | "jsonl" | "parquet", "gzip" | "zstd" | None) of a data file from its name, or
+    None for a file type we cannot read."""
+    compression = next((c for suffix, c in COMPRESSIONS.items() if path.endswith(suffix)), None)
+    base = path.rsplit(".", 1)[0] if compression else path
+    for kind, suffixes in FILE_KINDS.items():
+        if base.endswith(suffixes) and not (kind == "parquet" and compression):
+            return kind, compression
+    return None
 
 
 def is_url(path: str) -> bool:
@@ -104,7 +118,7 @@ def open_binary(path: str) -> BinaryIO:
                             "readable, or remove it from data.sources") from None
 
 
-def open_decompressed(path: str, compression: str) -> BinaryIO:
+def open_decompressed(path: str, compression: str) -> io.BufferedIOBase:
     """A buffered, forward-only binary stream of a .gz or .zst file's content. Damaged data
     raises OSError, EOFError (truncated), ValueError or zlib.error while it is read."""
     raw = open_binary(path)
@@ -126,7 +140,7 @@ class _ZstdReader(io.RawIOBase):
         import zstandard
 
         self._raw, self._dctx, self._zstd_error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
-        self._frame = None  # the decompressobj of the frame being read; None between frames
+        self._frame: Any = None  # the decompressobj of the frame being read; None between frames
         self._input = b""  # compressed bytes read but not yet decompressed (the next frame's start)
         self._output = memoryview(b"")
 

@@ -3,24 +3,24 @@ continues the same stream, and which config key to look at when it does not."""
 
 from __future__ import annotations
 
-from pretrain.config.schema import Config
+from pretrain.config.schema import DataConfig
 from tokenizer import Tokenizer
 
 ALLOW_OVERRIDE = "--data.allow_changed_data=true"
 
 
-def stream_fingerprint(cfg: Config, sources: list, modes: list[str], tokenizer: Tokenizer, n_lanes: int,
-                       global_batch: int) -> dict:
-    """Everything the order and content of the stream depend on."""
+def stream_fingerprint(data: DataConfig, seed: int, sources: list, modes: list[str], tokenizer: Tokenizer,
+                       n_lanes: int, global_batch: int) -> dict:
+    """Everything the order and content of the stream depend on (`seed`: train.seed)."""
     return {
-        "seed": cfg.train.seed,
-        "seq_len": cfg.data.seq_len,
+        "seed": seed,
+        "seq_len": data.seq_len,
         "global_batch": global_batch,
         "lanes": n_lanes,
-        "val_fraction": cfg.data.val_fraction,
+        "val_fraction": data.val_fraction,
         "tokenizer": tokenizer.sha256[:16],
         "sources": {src.name: {"content": src.fingerprint, "mode": mode, "weight": float(sc.weight)}
-                    for src, mode, sc in zip(sources, modes, cfg.data.sources)},
+                    for src, mode, sc in zip(sources, modes, data.sources)},
     }
 
 
@@ -34,11 +34,11 @@ STREAM_KEYS = {
 }
 
 
-def stream_differences(saved: dict, current: dict, cfg: Config) -> list[str]:
+def stream_differences(saved: dict, current: dict, data: DataConfig) -> list[str]:
     """One line per difference between a checkpoint's fingerprint and the current one."""
     lines = [f"{label}: {saved.get(key)!r} in the checkpoint, {current[key]!r} now"
              for key, label in STREAM_KEYS.items() if saved.get(key) != current[key]]
-    index = {s.name: i for i, s in enumerate(cfg.data.sources)}
+    index = {s.name: i for i, s in enumerate(data.sources)}
     old, new = saved.get("sources", {}), current["sources"]
     for name in old:
         if name not in new:

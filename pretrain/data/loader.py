@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from pretrain.config.schema import Config, DataConfig
+from pretrain.config.schema import DataConfig, TrainConfig
 from pretrain.data.fingerprint import ALLOW_OVERRIDE, lanes_reusable, stream_differences, stream_fingerprint
 from pretrain.data.packing import document_ids
 from pretrain.data.prepared import PreparedSource, raw_source
@@ -57,38 +57,43 @@ def _identity(item):
 
 
 class TrainData:
-    """This rank's micro-batches of each global batch of the global stream (see stream.py).
+    """This data-parallel rank's micro-batches of each global batch of the global stream (see
+    stream.py).
 
     Prepared sources and raw sources up to data.in_memory_max_bytes are indexed: read at random,
-    shuffled across the whole source. Larger raw sources are streamed through lanes: rank r owns
-    lanes r, r + R, r + 2R, ... (R ranks) and reads only their chunks. Either way rank r takes
-    positions p with p % R == r of each global batch, and `state_dict()` (each lane's cursor,
-    each indexed source's window count, the stream's fingerprint) is the same on every rank and
-    valid for any number of ranks and workers with the same global batch."""
+    shuffled across the whole source. Larger raw sources are streamed through lanes: data-parallel
+    rank r owns lanes r, r + R, r + 2R, ... (R = dp_size) and reads only their chunks. Either way
+    rank r takes positions p with p % R == r of each global batch, and `state_dict()` (each lane's
+    cursor, each indexed source's window count, the stream's fingerprint) is the same on every
+    rank and valid for any number of ranks and workers with the same global batch.
 
-    def __init__(self, cfg: Config, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1,
+    From `train` it takes the global and micro-batch sizes, the seed and the device (which sets
+    the default number of workers); `dp_group` holds the data-parallel ranks (None: all ranks)."""
+
+    def __init__(self, data: DataConfig, train: TrainConfig, tokenizer: Tokenizer, *, dp_rank: int = 0,
+                 dp_size: int = 1, dp_group: dist.ProcessGroup | None = None,
                  sources: list[AnySource] | None = None):
-        data = cfg.data
-        self.cfg, self.data, self.tokenizer = cfg, data, tokenizer
-        self.rank, self.world_size = rank, world_size
+        self.data, self.tokenizer = data, tokenizer
+        self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
         self.sources = sources if sources is not None else open_sources(data)
         self.names = [s.name for s in self.sources]
-        global_batch = cfg.train.global_batch_tokens // data.seq_len
+        global_batch = train.global_batch_tokens // data.seq_len
         self.plan = StreamPlan(n_lanes=data.lanes or default_lanes(global_batch), global_batch=global_batch,
-                               seq_len=data.seq_len, seed=cfg.train.seed)
-        self.mixture = Mixture([s.weight for s in data.sources], cfg.train.seed)
+                               seq_len=data.seq_len, seed=train.seed)
+        self.mixture = Mixture([s.weight for s in data.sources], train.seed)
         self.num_workers = data.num_workers
         if self.num_workers is None:  # on a CPU the training step already uses every core
-            self.num_workers = 2 if torch.cuda.is_available() and cfg.train.device != "cpu" else 0
+            self.num_workers = 2 if torch.cuda.is_available() and train.device != "cpu" else 0
         self.skipped = np.zeros(len(self.sources), dtype=np.int64)
         self.indexed: dict[int, IndexedSource] = {}
         self.streamed: dict[int, TextSource] = {}
         for i, source in enumerate(self.sources):
-            self._add_source(i, source, cfg)
+            self._add_source(i, source, train.seed)
         modes = ["indexed" if i in self.indexed else "streamed" for i in range(len(self.sources))]
-        self.fingerprint = stream_fingerprint(cfg, self.sources, modes, tokenizer, self.plan.n_lanes, global_batch)
-        self.micro_batch_size = cfg.train.micro_batch_size
-        self.my_lanes = list(range(rank, self.plan.n_lanes, world_size))
+        self.fingerprint = stream_fingerprint(data, train.seed, self.sources, modes, tokenizer, self.plan.n_lanes,
+                                              global_batch)
+        self.micro_batch_size = train.micro_batch_size
+        self.my_lanes = list(range(dp_rank, self.plan.n_lanes, dp_size))
         self.cursors = {lane: {i: (0, 0) for i in self.streamed} for lane in range(self.plan.n_lanes)}
         self.step = 0  # global batches consumed
         self.positions_by_source = np.zeros(len(self.sources), dtype=np.int64)  # since step 0, for mix shares
@@ -98,18 +103,18 @@ class TrainData:
         self.epochs = [0] * len(self.sources)
         self._pieces: Iterator[dict] | None = None
 
-    def _add_source(self, i: int, source: AnySource, cfg: Config) -> None:
-        data, max_epochs = cfg.data, cfg.data.sources[i].max_epochs
+    def _add_source(self, i: int, source: AnySource, seed: int) -> None:
+        data, max_epochs = self.data, self.data.sources[i].max_epochs
         if isinstance(source, PreparedSource):
             source.check_tokenizer(self.tokenizer)
             tokens = source.tokens
         else:
             if isinstance(source, FileSource):
-                source.check_empty_files(warn=self.rank == 0)
+                source.check_empty_files(warn=self.dp_rank == 0)
             if source.total_bytes > data.in_memory_max_bytes:
                 self.streamed[i] = source
                 items = source.n_chunks * -(-self.plan.n_lanes // source.n_chunks)
-                if items < 4 * self.plan.n_lanes and self.rank == 0:
+                if items < 4 * self.plan.n_lanes and self.dp_rank == 0:
                     log.warning("data source %r is streamed in %d chunks by %d lanes: too few per lane to repeat it "
                                 "evenly; prepare it (`pretrain data prepare`), raise data.in_memory_max_bytes above "
                                 "its %d bytes, or lower data.chunk_bytes", source.name, source.n_chunks,
@@ -121,17 +126,17 @@ class TrainData:
             if len(tokens) < 2 and isinstance(source, FileSource):
                 raise PretrainError(
                     f"data source {source.name!r} has no training documents in {source.describe_files()}: no "
-                    f"non-blank text (in field {cfg.data.sources[i].text_field!r} of .jsonl/.parquet records), or "
+                    f"non-blank text (in field {data.sources[i].text_field!r} of .jsonl/.parquet records), or "
                     f"data.val_fraction={data.val_fraction} held every document out; check the files and the "
                     "source's text_field, or remove the source")
-        self.indexed[i] = IndexedSource(source.name, tokens, data.seq_len, cfg.train.seed, max_epochs)
+        self.indexed[i] = IndexedSource(source.name, tokens, data.seq_len, seed, max_epochs)
 
     def next_step(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next global batch, in order."""
         if self._pieces is None:
             self._start()
         plan, seq_len = self.plan, self.plan.seq_len
-        tokens = np.empty((plan.global_batch // self.world_size, seq_len + 1), dtype=np.int64)
+        tokens = np.empty((plan.global_batch // self.dp_size, seq_len + 1), dtype=np.int64)
         first = plan.first_lane(self.step)
         for _ in range(self._n_workers):
             piece = next(self._pieces)
@@ -140,7 +145,7 @@ class TrainData:
                 raise PretrainError(piece["error"])
             assert piece["step"] == self.step, (piece["step"], self.step)
             # position i of a global batch is row i // R of rank i % R's share
-            tokens[(piece["lanes"] - first) // self.world_size] = piece["tokens"]
+            tokens[(piece["lanes"] - first) // self.dp_size] = piece["tokens"]
             self.cursors.update(piece["cursors"])
             self.skipped += piece["skipped"]
             self._note_epochs(piece["epochs"])
@@ -176,17 +181,17 @@ class TrainData:
         for i, epoch in epochs.items():
             if epoch > self.epochs[i]:
                 self.epochs[i] = epoch
-                if self.rank == 0:
+                if self.dp_rank == 0:
                     log.warning("data source %r: starting epoch %d, its documents are being repeated%s", self.names[i],
                                 epoch + 1, "" if self.data.sources[i].max_epochs else
                                 " (set max_epochs in its data.sources entry to limit this)")
 
     def metrics(self) -> dict:
         """Cumulative token share per source since step 0, and skipped bad records if any
-        (call on every rank: the counts are summed over ranks)."""
+        (call on every rank: the counts are summed over the data-parallel ranks)."""
         total = max(int(self.positions_by_source.sum()), 1)
         record = {"mix_share": {name: int(n) / total for name, n in zip(self.names, self.positions_by_source)}}
-        skipped = sum_over_ranks(torch.from_numpy(self.skipped)).numpy()
+        skipped = sum_over_ranks(torch.from_numpy(self.skipped), self.dp_group).numpy()
         if skipped.any():
             record["bad_records"] = {name: int(n) for name, n in zip(self.names, skipped)}
         return record
@@ -194,7 +199,7 @@ class TrainData:
     def state_dict(self) -> dict:
         """The global position of the stream (call on every rank: it gathers the lanes' cursors)."""
         cursors = dict(self.cursors)  # other ranks' lanes are stale here until gathered
-        cursors.update(_gather_cursors({lane: self.cursors[lane] for lane in self.my_lanes}))
+        cursors.update(_gather_cursors({lane: self.cursors[lane] for lane in self.my_lanes}, self.dp_group))
         return {
             "version": STATE_VERSION,
             "fingerprint": self.fingerprint,
@@ -205,7 +210,7 @@ class TrainData:
             # cursors[lane][source] = [item, token offset], for streamed sources (None for indexed ones)
             "cursors": [[list(cursors[lane][i]) if i in self.streamed else None for i in range(len(self.names))]
                         for lane in range(self.plan.n_lanes)],
-            "skipped": sum_over_ranks(torch.from_numpy(self.skipped)).numpy().tolist(),
+            "skipped": sum_over_ranks(torch.from_numpy(self.skipped), self.dp_group).numpy().tolist(),
             "epochs": list(self.epochs),
         }
 
@@ -216,7 +221,7 @@ class TrainData:
             raise PretrainError("the checkpoint's data position was saved by an older version of pretrain; add "
                                 f"{ALLOW_OVERRIDE} to restart the data stream from its beginning")
         saved = state["fingerprint"]
-        differences = stream_differences(saved, self.fingerprint, self.cfg)
+        differences = stream_differences(saved, self.fingerprint, self.data)
         if differences and not self.data.allow_changed_data:
             raise PretrainError(
                 "the data stream of this config differs from the checkpoint's:\n  - " + "\n  - ".join(differences)
@@ -250,9 +255,10 @@ class TrainData:
         self._pieces = None
 
 
-def _gather_cursors(mine: dict[int, dict]) -> dict[int, dict]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _gather_cursors(mine: dict[int, dict], group: dist.ProcessGroup | None) -> dict[int, dict]:
+    """Every data-parallel rank's lane cursors (`group`: those ranks; None: all ranks)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return mine
-    gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(gathered, mine)
+    gathered: list[dict] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
+    dist.all_gather_object(gathered, mine, group=group)
     return {lane: cursor for part in gathered for lane, cursor in part.items()}

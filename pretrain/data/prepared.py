@@ -20,13 +20,14 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pretrain.resilience.atomic_dir import publish, temporary_sibling
 from pretrain.config.schema import PREPARED_MANIFEST, Config, DataConfig, SourceConfig
 from pretrain.data.sources import BuiltinSource, FileSource, RecordErrors, TextSource
 from pretrain.errors import PretrainError
+from pretrain.resilience.atomic_dir import publish, temporary_sibling
 from tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 FORMAT = "pretrain-token-shards"
 VERSION = 1
 # The manifest keys that reading a prepared source relies on, and their JSON types.
-MANIFEST_TYPES = {"text_field": str, "val_fraction": (int, float), "fingerprint": str, "source_bytes": int,
-                  "dtype": str, "train_tokens": int, "val_tokens": int, "tokenizer_sha256": str}
+MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "text_field": str, "val_fraction": (int, float), "fingerprint": str, "source_bytes": int, "dtype": str,
+    "train_tokens": int, "val_tokens": int, "tokenizer_sha256": str}
 
 
 def raw_source(cfg: SourceConfig, data: DataConfig) -> TextSource:
@@ -53,13 +55,12 @@ class PreparedSource:
 
     def __init__(self, directory: str, cfg: SourceConfig, data: DataConfig):
         self.dir, self.name = Path(directory), cfg.name
-        try:
-            self.manifest = json.loads((self.dir / PREPARED_MANIFEST).read_text())
-        except (OSError, ValueError, RecursionError):
+        m = _read_manifest(self.dir)
+        if m is None:
             raise PretrainError(f"data.prepared_dir={data.prepared_dir!r} holds no prepared source {cfg.name!r} "
                                 f"(no readable {self.dir / PREPARED_MANIFEST}); run `pretrain data prepare` "
-                                "with this config first") from None
-        m = self.manifest
+                                "with this config first")
+        self.manifest = m
         if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
             raise PretrainError(f"{self.dir} is not a version-{VERSION} prepared source; re-run `pretrain data "
                                 "prepare --force` with this config")
@@ -112,23 +113,34 @@ class PreparedSource:
                                 "changed since they were made; re-run `pretrain data prepare --force`")
 
     def validation_tokens(self, tokenizer: Tokenizer, max_tokens: int) -> np.ndarray:
-        val = self._shard("val.bin", self.manifest["val_tokens"]) if self.manifest["val_tokens"] else []
-        return np.asarray(val[:max_tokens], dtype=np.int32)
+        if not self.manifest["val_tokens"]:
+            return np.empty(0, dtype=np.int32)
+        return np.asarray(self._shard("val.bin", self.manifest["val_tokens"])[:max_tokens], dtype=np.int32)
 
 
-def is_up_to_date(directory: Path, source: TextSource, tokenizer: Tokenizer, data: DataConfig) -> bool:
+def _read_manifest(directory: Path) -> Any:
+    """The JSON in a prepared source's manifest (not yet checked), or None when there is no readable one."""
     try:
-        m = json.loads((directory / PREPARED_MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return (m.get("version") == VERSION and m.get("fingerprint") == source.fingerprint
-            and m.get("tokenizer_sha256") == tokenizer.sha256 and m.get("val_fraction") == data.val_fraction)
+        return json.loads((directory / PREPARED_MANIFEST).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def up_to_date_manifest(directory: Path, source: TextSource, tokenizer: Tokenizer, data: DataConfig) -> dict | None:
+    """The manifest of the prepared source in `directory` when it was made from `source` as it is
+    now, with `tokenizer` and the same held-out split; None when it must be (re)built."""
+    m = _read_manifest(directory)
+    if (isinstance(m, dict) and m.get("version") == VERSION and m.get("fingerprint") == source.fingerprint
+            and m.get("tokenizer_sha256") == tokenizer.sha256 and m.get("val_fraction") == data.val_fraction):
+        return m
+    return None
 
 
 _worker: tuple[TextSource, Tokenizer] | None = None
 
 
 def _tokenize_chunk(chunk: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    assert _worker is not None, "prepare_source sets _worker before its pool forks"
     source, tokenizer = _worker
     errors = RecordErrors(source.name, source.on_bad_record)
     train, val = source.split_documents(chunk, errors)
@@ -194,10 +206,13 @@ def prepare(cfg: Config, tokenizer: Tokenizer, force: bool = False, workers: int
         source = raw_source(source_cfg, data)
         if isinstance(source, FileSource):
             source.check_empty_files()
-        directory = Path(data.prepared_source_dir(source_cfg.name))
-        if not force and is_up_to_date(directory, source, tokenizer, data):
+        source_dir = data.prepared_source_dir(source_cfg.name)
+        assert source_dir is not None  # data.prepared_dir is set: checked above
+        directory = Path(source_dir)
+        current = None if force else up_to_date_manifest(directory, source, tokenizer, data)
+        if current is not None:
             log.info("%s is up to date (same files and tokenizer); --force rebuilds it", directory)
-            manifests.append(json.loads((directory / PREPARED_MANIFEST).read_text()))
+            manifests.append(current)
             continue
         manifest = prepare_source(source, source_cfg, data, tokenizer, directory, workers, progress)
         log.info("prepared %s: %d training tokens, %d held-out tokens in %d chunks%s -> %s", source.name,

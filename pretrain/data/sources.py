@@ -13,19 +13,18 @@ import logging
 import math
 import os
 import zlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, cast
 
 import numpy as np
 
-from pretrain.config.schema import SourceConfig, data_file_kind
-from pretrain.data.builtin import python_docs_documents
-from pretrain.data.files import file_size, line_number, open_binary, open_decompressed, source_files
+from pretrain.config.schema import SourceConfig
+from pretrain.data.builtin import BUILTIN_SOURCES
+from pretrain.data.files import data_file_kind, file_size, line_number, open_binary, open_decompressed, source_files
 from pretrain.errors import PretrainError
 from tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-BUILTIN = {"python-docs": python_docs_documents}
 # A compressed file is read once per chunk it is split into: more parts cost more decompression.
 MAX_COMPRESSED_PARTS = 8
 COMPRESSION_RATIO_GUESS = 4
@@ -110,7 +109,8 @@ class TextSource:
 
     def split_documents(self, chunk: int, errors: RecordErrors) -> tuple[list[str], list[str]]:
         """(training documents, held-out documents) of the chunk."""
-        train, val = [], []
+        train: list[str] = []
+        val: list[str] = []
         for text in self.documents(chunk, errors):
             (val if is_validation(text, self.val_fraction) else train).append(text)
         return train, val
@@ -152,7 +152,7 @@ class BuiltinSource(TextSource):
 
     def __init__(self, cfg: SourceConfig, val_fraction: float, on_bad_record: str, chunk_bytes: int):
         super().__init__(cfg, val_fraction, on_bad_record)
-        self.docs = tuple(BUILTIN[cfg.path]())
+        self.docs = tuple(BUILTIN_SOURCES[cfg.path]())
         lengths = [len(d) for d in self.docs]
         self.total_bytes = sum(lengths)
         bounds, size = [0], 0
@@ -185,7 +185,8 @@ class FileSource(TextSource):
     def __init__(self, cfg: SourceConfig, val_fraction: float, on_bad_record: str, chunk_bytes: int):
         super().__init__(cfg, val_fraction, on_bad_record)
         self.files = source_files(cfg.name, cfg.patterns)
-        self.formats = [data_file_kind(path) for path in self.files]  # source_files checked each type
+        # source_files checked each file's type: none is None
+        self.formats = cast("list[tuple[str, str | None]]", [data_file_kind(path) for path in self.files])
         self.sizes = [file_size(path) for path in self.files]
         self._parquet_rows: dict[int, list[int]] = {}  # file -> first row of each row group, and the total
         byte_sizes = list(self.sizes)
@@ -360,7 +361,7 @@ class FileSource(TextSource):
                     texts = column.slice(lo - starts[g], hi - lo).to_pylist()
                 except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # damaged pages, not UTF-8
                     where = f"row group {g} (rows {starts[g]}-{starts[g + 1] - 1})"
-                    errors.report(path, lambda where=where: where, f"damaged data that cannot be read ({exc})")
+                    errors.report(path, where.__str__, f"damaged data that cannot be read ({exc})")
                     continue
                 for text in texts:
                     if text and text.strip():

@@ -79,7 +79,8 @@ def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] = ()) -> di
     precision = resolve_precision(cfg.train.precision, device)
     tokenizer = Tokenizer.load(checkpoint / "tokenizer.model")
     model = build_model(cfg.model, load_weights(checkpoint)).to(device)
-    val_sets = validation_sets(cfg, tokenizer, cfg.eval.batches)
+    val_sets = validation_sets(cfg.data, tokenizer, micro_batch_size=cfg.train.micro_batch_size,
+                               max_batches=cfg.eval.batches)
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
 
     def autocast() -> contextlib.AbstractContextManager:

@@ -3,7 +3,7 @@ reader behind `--checkpoint.init_from`.
 
     weights.py        load_weights / iter_checkpoint_weights: our names, from any source
     readers.py        a checkpoint's manifest, config and weights (DCP or DeepSpeed), streamed
-    names.py          our parameter names <-> Hugging Face Llama's; wrapper prefixes dropped
+    names.py          our parameter names <-> Hugging Face's (the family's HFAdapter); wrappers dropped
     hf.py             --format hf: config.json, safetensors, generation config, tokenizer, parity gate
     torch_format.py   --format torch: model.pt + config.yaml + tokenizer.model
 """

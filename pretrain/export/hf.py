@@ -1,6 +1,7 @@
-"""`pretrain export --format hf`: a checkpoint as a Hugging Face LlamaForCausalLM directory
-(config.json, safetensors weights, generation_config.json, tokenizer files), published only after
-the exported model has reproduced the checkpoint's logits (parity.py)."""
+"""`pretrain export --format hf`: a checkpoint as a Hugging Face model directory of its family's
+architecture (LlamaForCausalLM, GPT2LMHeadModel: the family's HFAdapter) with config.json,
+safetensors weights, generation_config.json and tokenizer files, published only after the
+exported model has reproduced the checkpoint's logits (parity.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from typing import Callable
 
 from pretrain.errors import PretrainError
 from pretrain.export.hf_tokenizer import write_tokenizer
-from pretrain.export.names import to_hf_name
+from pretrain.export.names import to_hf_name, to_hf_tensor
 from pretrain.export.output import atomic_output, check_output_dir
 from pretrain.export.parity import check_parity
 from pretrain.export.readers import checkpoint_config, checkpoint_tokenizer, read_manifest
 from pretrain.export.shards import write_safetensors
 from pretrain.export.weights import TIED, expected_shapes, iter_checkpoint_weights, load_weights
-from pretrain.models import ModelArgs
+from pretrain.models import AnyModelArgs, model_spec
 from tokenizer import Tokenizer
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default max_shard_size, "5GB"
@@ -28,29 +29,10 @@ def require_transformers() -> None:
         raise PretrainError("--format hf needs the transformers package: pip install 'pretrain[export]'")
 
 
-def hf_config(args: ModelArgs, tokenizer: Tokenizer) -> dict:
-    """config.json for LlamaForCausalLM with our model's shape."""
+def hf_config(args: AnyModelArgs, tokenizer: Tokenizer) -> dict:
+    """config.json for the family's Hugging Face architecture with our model's shape."""
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.d_model,
-        "intermediate_size": args.ffn_hidden,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "max_position_embeddings": args.max_seq_len,
-        "hidden_act": "silu",
-        "rms_norm_eps": args.norm_eps,
-        # transformers 4.x reads rope_theta, 5.x rope_parameters; written both ways so neither
-        # silently falls back to its default base.
-        "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": args.tie_embeddings,
-        "initializer_range": args.init_std,
+        **model_spec(args).hf.config(args),
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_id,
         "pad_token_id": tokenizer.pad_id,
@@ -65,7 +47,7 @@ def generation_config(tokenizer: Tokenizer) -> dict:
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               parity: bool = True, force: bool = False, progress: Callable[[str], None] = lambda _: None) -> Path:
-    """Write the checkpoint at `ckpt_dir` to `out_dir` as a Hugging Face Llama model, streaming
+    """Write the checkpoint at `ckpt_dir` to `out_dir` as a Hugging Face model, streaming
     the weights into safetensors shards of at most `max_shard_bytes`. With `parity`, the export
     is published only if its logits match the checkpoint's (PretrainError otherwise, and nothing
     is left at `out_dir`). Returns `out_dir`."""
@@ -81,11 +63,13 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 
              f"{args.n_layers}-layer, d_model={args.d_model} model to {out_dir}")
     # Hugging Face stores a tied head once, as the embedding.
     shapes = {n: s for n, s in expected_shapes(args).items() if not (args.tie_embeddings and n == TIED[0])}
-    sizes = {to_hf_name(n): shape.numel() * 4 for n, shape in shapes.items()}  # fp32
+    adapter = model_spec(args).hf
+    sizes = {to_hf_name(n, adapter): shape.numel() * 4 for n, shape in shapes.items()}  # fp32
     with atomic_output(out_dir) as tmp:
         _write_json(tmp / "config.json", hf_config(args, tokenizer))
         _write_json(tmp / "generation_config.json", generation_config(tokenizer))
-        hf_tensors = ((to_hf_name(n), t) for n, t in iter_checkpoint_weights(ckpt_dir) if n in shapes)
+        hf_tensors = ((to_hf_name(n, adapter), to_hf_tensor(n, t, adapter))
+                      for n, t in iter_checkpoint_weights(ckpt_dir) if n in shapes)
         write_safetensors(hf_tensors, sizes, tmp, max_shard_bytes, progress)
         write_tokenizer(sp_model, tmp, args.max_seq_len)
         progress("tokenizer: AutoTokenizer gives the run's token ids")

@@ -1,14 +1,16 @@
 """Parameter names: our model's own ("canonical"), the wrapped names training may save, and
-Hugging Face Llama's.
-
-Our layers already use Hugging Face's rotate-half RoPE layout, so converting a checkpoint is a
-renaming only: no tensor is permuted, split or fused."""
+Hugging Face's, by the family's HFAdapter (pretrain/models/spec.py; a family's tables live with
+its model code). Besides renaming, an adapter may mark weights that Hugging Face stores
+transposed (GPT-2's Conv1D); nothing is permuted, split or fused."""
 
 from __future__ import annotations
 
 import re
 
+import torch
+
 from pretrain.errors import PretrainError
+from pretrain.models import DEFAULT_MODEL, HFAdapter, model_spec
 
 # Wrappers that prefix parameter names: activation checkpointing, torch.compile and FSDP1 wrap
 # blocks (so they appear mid-name), DDP and DeepSpeed the whole model (only at the start). None
@@ -16,27 +18,8 @@ from pretrain.errors import PretrainError
 BLOCK_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 MODEL_WRAPPERS = ("module.",)
 
-# (ours, Hugging Face's) per transformer block; {i} is the layer index.
-_LAYER_NAMES = (
-    ("attention.wq.weight", "self_attn.q_proj.weight"),
-    ("attention.wk.weight", "self_attn.k_proj.weight"),
-    ("attention.wv.weight", "self_attn.v_proj.weight"),
-    ("attention.wo.weight", "self_attn.o_proj.weight"),
-    # SwiGLU w2(silu(w1 x) * w3 x) is down(silu(gate x) * up x) in Hugging Face's naming.
-    ("feed_forward.w1.weight", "mlp.gate_proj.weight"),
-    ("feed_forward.w2.weight", "mlp.down_proj.weight"),
-    ("feed_forward.w3.weight", "mlp.up_proj.weight"),
-    ("attention_norm.weight", "input_layernorm.weight"),
-    ("ffn_norm.weight", "post_attention_layernorm.weight"),
-)
-_TOP_NAMES = (
-    ("tok_embeddings.weight", "model.embed_tokens.weight"),
-    ("norm.weight", "model.norm.weight"),
-    ("output.weight", "lm_head.weight"),
-)
-_TO_HF = dict(_TOP_NAMES) | {f"layers.{{i}}.{ours}": f"model.layers.{{i}}.{hf}" for ours, hf in _LAYER_NAMES}
-_FROM_HF = {hf: ours for ours, hf in _TO_HF.items()}
-_LAYER_INDEX = re.compile(r"(?<=layers\.)\d+(?=\.)")
+_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")  # the block index: layers.3.x, model.layers.3.x, transformer.h.3.x
+_LLAMA = model_spec(DEFAULT_MODEL).hf
 
 
 def strip_wrappers(name: str) -> str:
@@ -50,19 +33,35 @@ def strip_wrappers(name: str) -> str:
         name = name[len(prefix):]
 
 
-def to_hf_name(name: str) -> str:
-    """Hugging Face LlamaForCausalLM's name for our parameter `name`."""
-    return _translate(name, _TO_HF, "a parameter of pretrain's Transformer")
+def to_hf_name(name: str, adapter: HFAdapter = _LLAMA) -> str:
+    """Hugging Face's name (in `adapter`'s architecture; Llama's by default) for our parameter `name`."""
+    return _translate(name, {ours: hf for ours, hf in adapter.names},
+                      f"a parameter of pretrain's model that exports to {adapter.architecture}")
 
 
-def from_hf_name(name: str) -> str:
-    """Our parameter name for Hugging Face LlamaForCausalLM's `name`."""
-    return _translate(name, _FROM_HF, "a LlamaForCausalLM parameter this exporter writes")
+def from_hf_name(name: str, adapter: HFAdapter = _LLAMA) -> str:
+    """Our parameter name for Hugging Face's `name` (in `adapter`'s architecture; Llama's by default)."""
+    return _translate(name, {hf: ours for ours, hf in adapter.names},
+                      f"a {adapter.architecture} parameter this exporter writes")
+
+
+def to_hf_tensor(name: str, tensor: torch.Tensor, adapter: HFAdapter) -> torch.Tensor:
+    """Our parameter `name`'s tensor as Hugging Face stores it (transposed for a Conv1D weight)."""
+    return tensor.T if _pattern(name) in adapter.transposed else tensor
+
+
+def from_hf_tensor(name: str, tensor: torch.Tensor, adapter: HFAdapter) -> torch.Tensor:
+    """The tensor of our parameter `name` from the one Hugging Face stores."""
+    return to_hf_tensor(name, tensor, adapter)  # a transpose undoes itself
+
+
+def _pattern(name: str) -> str:
+    return _LAYER_INDEX.sub("{i}", name, count=1)
 
 
 def _translate(name: str, table: dict[str, str], what: str) -> str:
     index = _LAYER_INDEX.search(name)
-    pattern = _LAYER_INDEX.sub("{i}", name, count=1) if index else name
+    pattern = _pattern(name)
     if pattern not in table:
         raise PretrainError(f"{name!r} is not {what}; the weights come from another model family or version")
     return table[pattern].replace("{i}", index.group(0)) if index else table[pattern]

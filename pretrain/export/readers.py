@@ -7,7 +7,6 @@ read_dcp_metadata and load_dcp, DeepSpeed's files under weights_only_loads()."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import pickle
 import sys
 import warnings
@@ -17,33 +16,26 @@ from typing import Protocol
 import torch
 import yaml
 
-from pretrain.checkpoint import layout as checkpoint_layout
 from pretrain.checkpoint.layout import (
+    CONFIG,
     DCP_MODEL_PREFIX,
     DEEPSPEED_DIR,
-    FORMAT_VERSION,
     MANIFEST,
     TOKENIZER,
     dcp_model_shapes,
+    require_manifest,
 )
-from pretrain.config.schema import Config
+from pretrain.checkpoint.safe_load import load_dcp, read_dcp_metadata, refusal, weights_only_loads
+from pretrain.config.checks import with_max_seq_len
 from pretrain.config.parse import build, load_yaml_text
+from pretrain.config.schema import Config
 from pretrain.errors import ConfigError, CorruptCheckpoint, PretrainError
 from pretrain.export.names import strip_wrappers
-from pretrain.checkpoint.safe_load import load_dcp, read_dcp_metadata, refusal, weights_only_loads
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
     """The checkpoint's manifest.json; a directory without a readable one is not a complete checkpoint."""
-    manifest = checkpoint_layout.read_manifest(ckpt_dir)
-    if manifest is None:
-        raise PretrainError(f"{ckpt_dir} is not a complete checkpoint (no readable {MANIFEST}); pass a directory "
-                            "like OUT_DIR/checkpoints/step_00001000 (a crash while saving leaves an incomplete one: "
-                            "take the previous step)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise PretrainError(f"{ckpt_dir} has checkpoint format {manifest.get('format_version')}, this version of "
-                            f"pretrain reads format {FORMAT_VERSION}; export it with the version that wrote it")
-    return manifest
+    return require_manifest(ckpt_dir, format_fix="export it with the version that wrote it")
 
 
 def checkpoint_config(ckpt_dir: Path) -> Config:
@@ -51,7 +43,7 @@ def checkpoint_config(ckpt_dir: Path) -> Config:
 
     Parsed and type-checked but not validated as a run: validation checks the run's environment
     (its data files exist, its world size), and a checkpoint is often exported elsewhere."""
-    path = ckpt_dir / "config.yaml"
+    path = ckpt_dir / CONFIG
     try:
         data = load_yaml_text(path.read_text()) or {}
     except OSError:
@@ -62,9 +54,7 @@ def checkpoint_config(ckpt_dir: Path) -> Config:
     cfg = build(Config, data, "", problems)
     if problems:
         raise ConfigError(problems, str(path))
-    if cfg.model.max_seq_len is None:  # resolved in configs saved by training; kept for hand-written ones
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_len=cfg.data.seq_len))
-    return cfg
+    return with_max_seq_len(cfg)  # resolved in configs saved by training; kept for hand-written ones
 
 
 def checkpoint_tokenizer(ckpt_dir: Path, cfg: Config) -> Path:

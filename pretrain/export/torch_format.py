@@ -1,9 +1,9 @@
 """`pretrain export --format torch`: the checkpoint's weights as one plain state dict.
 
 `model.pt` maps our parameter names to fp32 tensors (torch.save; load it with
-`torch.load(path, weights_only=True)` into `Transformer(args)`), next to the run's
-`config.yaml` and `tokenizer.model`. It is whole in memory once, so it suits models that fit in
-host RAM; `--format hf` streams instead."""
+`torch.load(path, weights_only=True)` into `pretrain.models.model_spec(args).build(args)`), next
+to the run's `config.yaml` and `tokenizer.model`. It is whole in memory once, so it suits models
+that fit in host RAM; `--format hf` streams instead."""
 
 from __future__ import annotations
 

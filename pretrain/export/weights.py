@@ -12,23 +12,23 @@ import torch
 
 from pretrain.checkpoint.layout import check_shapes
 from pretrain.errors import PretrainError
-from pretrain.export.names import from_hf_name, strip_wrappers
+from pretrain.export.names import from_hf_name, from_hf_tensor, strip_wrappers
 from pretrain.export.readers import MANIFEST, checkpoint_config, open_reader, read_manifest
-from pretrain.models import ModelArgs, Transformer
+from pretrain.models import DEFAULT_MODEL, SPECS, AnyModelArgs, HFAdapter, model_spec
 
 TORCH_FILE = "model.pt"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-TIED = ("output.weight", "tok_embeddings.weight")  # (tied name, the one it shares)
+TIED = ("output.weight", "tok_embeddings.weight")  # (tied name, the one it shares), in every family
 # Tensors read from a DCP checkpoint per call: few calls (each re-reads the metadata), bounded memory.
 READ_GROUP_BYTES = 256 << 20
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
-    """Every entry of `Transformer(args).state_dict()` and its shape, in the model's order (built
-    on the meta device: nothing is allocated)."""
+def expected_shapes(args: AnyModelArgs) -> dict[str, torch.Size]:
+    """Every entry of the state dict of the model `args` describes and its shape, in the model's
+    order (built on the meta device: nothing is allocated)."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = model_spec(args).build(args)
     return {name: t.shape for name, t in model.state_dict().items()}
 
 
@@ -110,11 +110,14 @@ def _load_hf_dir(path: Path) -> dict[str, torch.Tensor]:
         files = sorted(set(weight_map.values()))
     else:
         files = [SAFETENSORS_FILE]
+    config = _hf_config(path)
+    adapter = _hf_adapter(config)
     weights = {}
     for file in files:
         for hf_name, tensor in load_file(str(path / file)).items():
-            weights[from_hf_name(hf_name)] = tensor.to(torch.float32)
-    if TIED[0] not in weights and _hf_config(path).get("tie_word_embeddings"):
+            name = from_hf_name(hf_name, adapter)
+            weights[name] = from_hf_tensor(name, tensor, adapter).to(torch.float32).contiguous()
+    if TIED[0] not in weights and config.get("tie_word_embeddings"):
         weights[TIED[0]] = weights[TIED[1]]  # Hugging Face stores a tied head once, as the embedding
     return weights
 
@@ -124,3 +127,14 @@ def _hf_config(path: Path) -> dict:
         return json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _hf_adapter(config: dict) -> HFAdapter:
+    """The adapter of the family whose Hugging Face model_type config.json names (Llama's when
+    there is no config.json: exports of earlier versions were all Llama)."""
+    model_type = config.get("model_type", model_spec(DEFAULT_MODEL).hf.model_type)
+    for spec in SPECS.values():
+        if spec.hf.model_type == model_type:
+            return spec.hf
+    raise PretrainError(f"config.json names model_type {model_type!r}; pretrain reads Hugging Face models of type "
+                        f"{', '.join(repr(s.hf.model_type) for s in SPECS.values())}")

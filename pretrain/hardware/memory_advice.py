@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 from dataclasses import dataclass
 
 import torch
 
 from pretrain.config.schema import Config
 from pretrain.hardware.devices import resolve_precision
+from pretrain.parallel.dims import dp_degrees
+from pretrain.parallel.launch_env import launch_env
 from pretrain.scaling.memory import GIB, StateBytes, TrainingMemory, training_memory
 
 
@@ -22,7 +23,7 @@ def memory_estimate(cfg: Config, world_size: int, device: torch.device) -> Train
     less the model states that offloading keeps in host memory when `device` is a GPU."""
     p = cfg.parallel
     bf16 = resolve_precision(cfg.train.precision, device) == "bf16"
-    ranks = p.mesh_shape(world_size)[1] if p.backend == "fsdp" else world_size  # HSDP replicas do not divide
+    ranks = dp_degrees(p, world_size)[1] if p.backend == "fsdp" else world_size  # HSDP replicas do not divide
     estimate = training_memory(cfg.model, cfg.data.seq_len, cfg.train.micro_batch_size, ranks, p.backend,
                                p.zero_stage, p.activation_checkpointing, bf16, p.ac_every)
     if device.type != "cuda":
@@ -45,7 +46,7 @@ def device_memory_bytes(device: torch.device, world_size: int = 1) -> float | No
             kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return None
-    return kib * 1024 / int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return kib * 1024 / (launch_env().local_world_size or world_size)
 
 
 def memory_text(m: TrainingMemory, available: float | None) -> str:
@@ -119,7 +120,7 @@ def _memory_knobs(cfg: Config, world_size: int) -> list[list[Setting]]:
     sharding: list[Setting] = []
     if p.backend in ("none", "ddp"):
         sharding = [(("parallel.backend", "fsdp"),)]
-    elif p.backend == "fsdp" and p.mesh_shape(world_size)[0] > 1:  # HSDP: shard over every rank instead
+    elif p.backend == "fsdp" and p.replicate > 1:  # HSDP: shard over every rank instead
         sharding = [(("parallel.replicate", 1), ("parallel.shard", None))]
     elif p.backend == "deepspeed":
         sharding = [(("parallel.zero_stage", stage),) for stage in range(p.zero_stage + 1, 4)]

@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 def option(default: Any, help: str) -> Any:
@@ -18,6 +19,11 @@ def option(default: Any, help: str) -> Any:
 class ModelArgs:
     """Hyper-parameters of a Llama-style decoder-only transformer."""
 
+    # Implied, so not written out (config.parse.to_dict): a model section without a name is llama, so
+    # config.yaml stays as it was before there were families, and older versions still read it.
+    name: Literal["llama"] = field(default="llama", metadata={"implied": True, "help": (
+        "model family: llama (RMSNorm, SwiGLU, rotary positions) or gpt2 (LayerNorm, GELU, learned positions, "
+        "tied head); each has its own keys")})
     vocab_size: int = option(32000, "rows of the embedding table; at least the tokenizer's vocabulary")
     d_model: int = option(512, "width of the residual stream")
     n_layers: int = option(8, "number of transformer blocks")
@@ -71,3 +77,51 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> int:
     not discounted, so MFU stays comparable with theirs."""
     attention = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
     return 6 * matmul_params(args) + attention
+
+
+def block_activation_bytes(args: ModelArgs, element: int) -> float:
+    """Bytes one block saves for backward per token (scaling/memory.py's activation_bytes): the
+    two RMSNorm inputs (the residual stream, fp32 even under autocast); in the compute dtype
+    (`element` bytes) the norm outputs as the projections' inputs, q, k and v after rotation, the
+    attention output and the wo input (5 d + 2 kv_dim), and the SwiGLU w1 and w3 outputs, the silu
+    and the product (4 ffn_hidden). SDPA saves no seq x seq score matrix."""
+    kv_dim = args.n_kv_heads * args.head_dim
+    return 2 * 4 * args.d_model + element * (5 * args.d_model + 2 * kv_dim + 4 * args.ffn_hidden)
+
+
+def check_args(m: ModelArgs) -> list[str]:
+    """The model section's problems, each with the key, the value and a fix."""
+    problems = []
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
+        if getattr(m, name) <= 0:
+            problems.append(f"model.{name}={getattr(m, name)} must be a positive integer")
+    if problems:
+        return problems
+    if m.d_model % m.n_heads:
+        problems.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; choose "
+                        f"n_heads in {divisors(m.d_model)} or a d_model that is a multiple of {m.n_heads}")
+    elif m.head_dim % 2:
+        problems.append(f"model.d_model / model.n_heads = {m.head_dim} is odd, but rotary embeddings need an "
+                        "even head dimension; change d_model or n_heads")
+    if m.n_heads % m.n_kv_heads:
+        problems.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+                        f"choose n_kv_heads in {divisors(m.n_heads)}")
+    return problems + check_common(m)
+
+
+def check_common(m: Any) -> list[str]:
+    """Problems of the keys every family has besides the shape."""
+    problems = []
+    if m.max_seq_len is not None and m.max_seq_len <= 0:
+        problems.append(f"model.max_seq_len={m.max_seq_len} must be positive (or null for data.seq_len)")
+    if m.init_std <= 0:
+        problems.append(f"model.init_std={m.init_std} must be positive, e.g. 0.02")
+    return problems
+
+
+def divisors(n: int) -> str:
+    """`{1, 2, 4}`: the divisors of n, for messages that suggest a value."""
+    if n > 10**12:  # a trial division up to sqrt(n) would take minutes
+        return f"{{the divisors of {n}}}"
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return "{" + ", ".join(str(d) for d in sorted({*small, *(n // d for d in small)})) + "}"

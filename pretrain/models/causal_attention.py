@@ -13,6 +13,7 @@ F.scaled_dot_product_attention.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 BLOCK = 128  # query rows per block
 MAX_SEQ = 1024  # longer sequences: F.scaled_dot_product_attention, whose memory grows linearly
@@ -37,3 +38,14 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
         scores[..., start:].masked_fill_(future[:end - start, :end - start], float("-inf"))
         outputs.append(torch.softmax(scores, dim=-1).to(v.dtype) @ v[:, :, :end])
     return torch.cat(outputs, dim=2)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of (batch, heads, seq, head_dim) queries over keys and values with as many or
+    fewer heads: causal, or where `mask` (batch, 1, seq, seq) is True. The blocked kernel above on
+    CPUs up to MAX_SEQ, F.scaled_dot_product_attention everywhere else."""
+    if mask is None and q.device.type == "cpu" and q.shape[2] <= MAX_SEQ:
+        return blocked_causal_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])

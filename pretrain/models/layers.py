@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models.args import ModelArgs
-from pretrain.models.causal_attention import MAX_SEQ, blocked_causal_attention
+from pretrain.models.causal_attention import causal_attention
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,12 +47,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if mask is None and q.device.type == "cpu" and seq <= MAX_SEQ:
-            out = blocked_causal_attention(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-            )
+        out = causal_attention(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def init_weights(self, std: float, out_std: float) -> None:

@@ -33,13 +33,19 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
 
-    def init_weights(self) -> None:
-        """Initialise all parameters from the global RNG (seed it first) and the rotary tables."""
+    def init_buffers(self) -> None:
+        """Fill the rotary tables, the only tensors that a state dict does not hold."""
         args = self.args
         with torch.no_grad():
             cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
+
+    def init_weights(self) -> None:
+        """Initialise all parameters from the global RNG (seed it first) and the rotary tables."""
+        args = self.args
+        self.init_buffers()
+        with torch.no_grad():
             init_normal(self.tok_embeddings.weight, args.init_std)
             for layer in self.layers:
                 layer.init_weights(args)
@@ -57,14 +63,19 @@ class Transformer(nn.Module):
         token attends only to earlier tokens of its own document (packed documents stay apart)."""
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        mask = None
-        if document_ids is not None:
-            causal = torch.ones(seq, seq, dtype=torch.bool, device=tokens.device).tril()
-            mask = (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
+        mask = None if document_ids is None else document_mask(document_ids)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.output(self.norm(x), labels)
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) attention mask, True where a token may attend: causal, and within
+    the token's own document (`document_ids` (batch, seq) numbers the documents of each row)."""
+    seq = document_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    return (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
 
 
 class OutputHead(nn.Linear):

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pretrain")
 
+METRICS_FILE = "metrics.jsonl"  # in out_dir; `pretrain report` and the scaling fit read it
+
 
 class MetricLogger:
     """Writes metric records (dicts with a "step") as JSON lines, one readable console line, and
@@ -26,28 +28,21 @@ class MetricLogger:
         self._file = None
         self.trackers = list(trackers or []) if enabled else []
         if enabled:
-            path = Path(out_dir) / "metrics.jsonl"
+            path = Path(out_dir) / METRICS_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("a", encoding="utf-8")
 
     @classmethod
     def for_config(cls, cfg: Config, enabled: bool = True) -> MetricLogger:
         """The logger of a run: metrics.jsonl and console, plus the trackers `cfg.logging` enables."""
-        from pretrain.observability.tracking import TensorBoardSink, WandbSink
+        from pretrain.observability.tracking import run_trackers
 
-        trackers = []
-        if enabled and cfg.logging.wandb.mode != "disabled":
-            from pretrain.config.parse import to_dict
-
-            w = cfg.logging.wandb
-            trackers.append(WandbSink(cfg.out_dir, w.project, w.entity, w.mode, w.name, to_dict(cfg)))
-        if enabled and cfg.logging.tensorboard:
-            trackers.append(TensorBoardSink(cfg.out_dir))
-        return cls(cfg.out_dir, enabled, trackers)
+        return cls(cfg.out_dir, enabled, run_trackers(cfg) if enabled else [])
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        assert self._file is not None, "MetricLogger.log() after close()"
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         line = format_record(record)

@@ -21,7 +21,8 @@ class TrainingProgress:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         self.bar = tqdm(total=last_step, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                        unit_scale=False, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+                        unit_scale=False,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         self.tokens_per_step, self.start = tokens_per_step, time.perf_counter()
         self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pretrain.resilience.atomic_dir import write_file
 from pretrain.errors import PretrainError
 from pretrain.observability.report_data import RunMetrics, load_metrics, record_kind
 from pretrain.observability.report_html import report_html
 from pretrain.observability.report_plots import render_png
+from pretrain.resilience.atomic_dir import write_file
 
 __all__ = ["RunMetrics", "add_command", "load_metrics", "plot_report", "record_kind", "write_report"]
 

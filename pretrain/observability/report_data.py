@@ -17,6 +17,7 @@ from pretrain.checkpoint.layout import CONFIG, complete_checkpoints, read_manife
 from pretrain.config.parse import load_yaml_text
 from pretrain.errors import PretrainError
 from pretrain.evaluation.validation import EVAL_DIR, VALIDATION_FILE
+from pretrain.observability.metrics import METRICS_FILE
 from pretrain.observability.tracking import flatten
 
 HOOK_PREFIX = "eval/"  # eval hooks' numbers in metrics.jsonl: eval/<hook>/<key> (pretrain.evaluation.hook_runner)
@@ -97,7 +98,7 @@ def load_metrics(out_dir: str | Path) -> RunMetrics:
     run_dir = Path(out_dir)
     if not run_dir.is_dir():
         raise PretrainError(f"{run_dir}: no such run directory; give the run's out_dir (the config's out_dir)")
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         raise PretrainError(f"{path} does not exist: {run_dir} has logged no metrics; train it first "
                             f"(pretrain train CONFIG) or give the run's out_dir")

@@ -9,9 +9,12 @@ import html
 import json
 import math
 from types import SimpleNamespace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 from pretrain.observability.report_data import RunMetrics, number
+
+if TYPE_CHECKING:
+    from pretrain.config.schema import ParallelConfig
 
 Row = tuple[str, list[str], list[float | None] | None]  # label, one cell per run, values to mark the lowest of
 
@@ -41,11 +44,11 @@ def comparison_rows(runs: list[RunMetrics]) -> list[Row]:
     sources = list(dict.fromkeys(s for run in runs for s in run.sources))
     for source in sources:
         loss_row(f"final validation loss: {source}", lambda r: r.validation,
-                 lambda r, s=source: (r.get("val_loss_by_source") or {}).get(s))
+                 _by_source("val_loss_by_source", source))
     for source in sources:
         cells = []
         for run in runs:
-            share = _last(run.train, lambda r, s=source: (r.get("mix_share") or {}).get(s))
+            share = _last(run.train, _by_source("mix_share", source))
             target = run.configured_shares.get(source)
             cells.append(fmt(share, "{:.3f}") + (f" (configured {target:.3f})" if target is not None else ""))
         if any(cell != "—" for cell in cells):
@@ -56,7 +59,7 @@ def comparison_rows(runs: list[RunMetrics]) -> list[Row]:
     hook_metrics = dict.fromkeys((hook, m) for run in runs for hook, recs in run.hooks.items()
                                  for r in recs for m in r if m != "step")
     for hook, metric in hook_metrics:
-        found = [_pick(run.hooks.get(hook, []), lambda r, m=metric: r.get(m)) for run in runs]
+        found = [_pick(run.hooks.get(hook, []), _field(metric)) for run in runs]
         cells = [f"{f[0]:.5g} (step {f[1]:,})" if f else "—" for f in found]
         rows.append((f"eval hook {hook}: {metric} (last)", cells, None))
     for hook in sorted({h for run in runs for h in run.hook_errors}):
@@ -175,8 +178,18 @@ def _pick(records: list[dict], value: Callable[[dict], object], best: bool = Fal
 
 
 def _last(records: list[dict], value: str | Callable[[dict], object]) -> float | None:
-    picked = _pick(records, value if callable(value) else (lambda r: r.get(value)))
+    picked = _pick(records, value if callable(value) else _field(value))
     return picked[0] if picked else None
+
+
+def _field(key: str) -> Callable[[dict], object]:
+    """record -> its value of `key` (None when it has none)."""
+    return lambda r: r.get(key)
+
+
+def _by_source(key: str, source: str) -> Callable[[dict], object]:
+    """record -> the value for `source` of its per-source `key` (a {source: value} dict)."""
+    return lambda r: (r.get(key) or {}).get(source)
 
 
 def _mean(records: list[dict], key: str) -> float | None:
@@ -196,6 +209,8 @@ def _backend(run: RunMetrics) -> str:
     parallel = (run.config or {}).get("parallel")
     backend = "—"
     if isinstance(parallel, dict) and "backend" in parallel:
-        backend = backend_name(SimpleNamespace(**{"zero_stage": "?", "replicate": 1, **parallel}))
+        # the saved section as it is (not validated): only the keys backend_name reads
+        section = SimpleNamespace(**{"zero_stage": "?", "replicate": 1, **parallel})
+        backend = backend_name(cast("ParallelConfig", section))
     size = "—" if run.world_size is None else f"{run.world_size} rank" + ("s" if run.world_size != 1 else "")
     return f"{backend} / {size}"

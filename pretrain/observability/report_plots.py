@@ -13,8 +13,14 @@ import io
 import math
 import textwrap
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pretrain.observability.report_data import RunMetrics, number
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
+    import matplotlib.axes
+    import matplotlib.figure
+    import matplotlib.legend
 
 TRAIN, VAL, VAL_SOURCES, MIX, LR, THROUGHPUT = ("training loss", "validation loss", "validation loss by source",
                                                 "data mixture", "learning rate", "throughput")
@@ -52,9 +58,9 @@ class Panel:
 
 @dataclass
 class Figure:
-    figure: object  # matplotlib.figure.Figure
-    axes: dict[str, object]  # panel title -> Axes
-    legend: object  # the one legend, below the panels
+    figure: matplotlib.figure.Figure
+    axes: dict[str, matplotlib.axes.Axes]  # panel title -> its axes
+    legend: matplotlib.legend.Legend  # the one legend, below the panels
     notes: list[str]  # identical runs, clipped axes, left-out hook metrics
     curves: dict[str, int]  # panel title -> curves drawn (checkpoint evaluations included)
 
@@ -88,9 +94,9 @@ def panels_of(runs: list[RunMetrics], x_key: str) -> tuple[list[Panel], list[str
     for i, run in enumerate(runs):
         x_of = _x_by_step(run, x_key)
 
-        def add(title: str, records: list[dict], get, source: str | None = None, hollow: bool = False) -> None:
-            points = [(x_of(r), number(get(r))) for r in records]
-            points = [(x, y) for x, y in points if x is not None and y is not None]
+        def add(title: str, records: list[dict], get, source: str | None = None, hollow: bool = False,
+                i: int = i, x_of=x_of) -> None:  # this run's index and x axis, bound as the lambdas bind theirs
+            points = [(x, y) for r in records if (x := x_of(r)) is not None and (y := number(get(r))) is not None]
             if points:
                 panels[title].curves.append(Curve(i, [x for x, _ in points], [y for _, y in points], source, hollow))
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 import logging
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from pretrain.resilience.atomic_dir import write_file
 from pretrain.errors import PretrainError
+from pretrain.resilience.atomic_dir import write_file
+
+if TYPE_CHECKING:
+    from pretrain.config.schema import Config
 
 log = logging.getLogger("pretrain")
 
@@ -38,8 +42,9 @@ class WandbSink:
     own step axis, `<prefix>step`: wandb accepts no step lower than the run's latest on its main
     axis, and the checkpoints being evaluated are behind the training."""
 
-    def __init__(self, out_dir: str, project: str, entity: str | None, mode: str, name: str | None,
-                 config: dict | None = None, prefix: str = ""):
+    def __init__(self, out_dir: str, project: str, entity: str | None,
+                 mode: Literal["disabled", "offline", "online"], name: str | None, config: dict | None = None,
+                 prefix: str = ""):
         try:
             import wandb
         except ImportError:
@@ -88,3 +93,29 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def run_trackers(cfg: Config) -> list[WandbSink | TensorBoardSink]:
+    """The trackers a training run writes to, as `cfg.logging` turns them on (none by default)."""
+    trackers: list[WandbSink | TensorBoardSink] = []
+    wandb = wandb_sink(cfg)
+    if wandb is not None:
+        trackers.append(wandb)
+    if cfg.logging.tensorboard:
+        trackers.append(TensorBoardSink(cfg.out_dir))
+    return trackers
+
+
+def wandb_sink(cfg: Config, out_dir: str | None = None, prefix: str = "") -> WandbSink | None:
+    """The wandb run that `cfg.logging.wandb` asks for, None when it is disabled: the training's own
+    in cfg.out_dir, holding the config; with `prefix`, an evaluation job's records under that prefix
+    in the training's run, whose out_dir as the job sees it is `out_dir`."""
+    w = cfg.logging.wandb
+    if w.mode == "disabled":
+        return None
+    config = None
+    if not prefix:  # an evaluation job leaves the training's config as it is
+        from pretrain.config.parse import to_dict
+
+        config = to_dict(cfg)
+    return WandbSink(out_dir or cfg.out_dir, w.project, w.entity, w.mode, w.name, config, prefix)

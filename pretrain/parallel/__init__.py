@@ -1,10 +1,12 @@
 """Spreading one plain model over processes, applied from outside the model in a fixed order:
 activation checkpointing -> compile -> FSDP2 (or DDP / DeepSpeed), then materialise and init.
 
-`build_engine` is the one entry point; each technique lives in its own module."""
+`build_engine` is the one entry point; each technique lives in its own module. ParallelDims
+(dims.py) says how the ranks divide the work and holds the mesh, built once per job."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -14,7 +16,8 @@ from torch.distributed.tensor.experimental import implicit_replication
 
 from pretrain.checkpoint.layout import check_shapes
 from pretrain.config.schema import Config
-from pretrain.optim import build_optimizer
+from pretrain.models import model_spec
+from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel.activation import apply_activation_checkpointing
 from pretrain.parallel.compile import apply_compile, compile_decision
 from pretrain.parallel.ddp import apply_ddp
@@ -33,42 +36,49 @@ from pretrain.parallel.distributed import (
     side_group,
     sum_over_ranks,
 )
+from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.engine import Engine, TorchEngine, model_shapes
-from pretrain.parallel.fsdp import apply_fsdp, build_mesh
+from pretrain.parallel.fsdp import apply_fsdp
+from pretrain.parallel.launch_env import LaunchEnv, launch_env
 
-__all__ = ["DistInfo", "Engine", "any_rank", "barrier", "build_engine", "collective_failures_named",
-           "destroy_process_group", "dist_info_from_env", "exit_process", "first_failure", "init_process_group",
-           "main_rank_first", "materialize", "select_device", "side_group", "sum_over_ranks"]
+__all__ = ["DistInfo", "Engine", "LaunchEnv", "ParallelDims", "any_rank", "barrier", "build_engine",
+           "collective_failures_named", "destroy_process_group", "dist_info_from_env", "exit_process",
+           "first_failure", "init_process_group", "launch_env", "main_rank_first", "materialize", "select_device",
+           "side_group", "sum_over_ranks"]
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(model: nn.Module, cfg: Config, dist: DistInfo, precision: str,
+def build_engine(model: nn.Module, cfg: Config, dist: DistInfo, dims: ParallelDims, precision: str,
                  initial_weights: dict[str, torch.Tensor] | None = None) -> Engine:
-    """Parallelize `model` (a Transformer built on the meta device) as cfg.parallel says, give it
-    real storage and seeded initial weights (or `initial_weights`, a full state dict by parameter
-    name), and pair it with its optimizer."""
+    """Parallelize `model` (built on the meta device by its family's ModelSpec) as cfg.parallel
+    says, give it real storage and seeded initial weights (or `initial_weights`, a full state dict
+    by parameter name), and pair it with its optimizer and LR schedule, built here for every
+    backend. `dims` holds the mesh FSDP shards over (ParallelDims.with_mesh)."""
     p, bf16 = cfg.parallel, precision == "bf16"
-    apply_activation_checkpointing(model.layers, p.activation_checkpointing, p.ac_every)
+    schedule = functools.partial(build_scheduler, cfg=cfg.optim, max_steps=cfg.train.max_steps)
+    spec = model_spec(cfg.model)  # which modules are its blocks
+    apply_activation_checkpointing(spec.blocks(model), p.activation_checkpointing, p.ac_every)
     compile_blocks, why = compile_decision(cfg, dist.device, precision, dist.world_size)
     if dist.is_main:
         log.info("compile %s (%s)", "on" if compile_blocks else "off", why)
     if compile_blocks:
-        apply_compile(model)
+        apply_compile(spec.blocks(model), spec.output_head(model))
     if p.backend == "fsdp":
-        mesh = build_mesh(dist.device, *p.mesh_shape(dist.world_size))
-        apply_fsdp(model, mesh, bf16, p.reshard_after_forward, p.cpu_offload)
+        apply_fsdp(model, spec.blocks(model), dims.fsdp_mesh, bf16, p.reshard_after_forward, p.cpu_offload)
     materialize(model, dist.device, cfg.train.seed)
     if initial_weights is not None:  # before DeepSpeed copies the weights into its own buffers
         load_full_weights(model, initial_weights, cfg.checkpoint.init_from)
     if p.backend == "deepspeed":
         from pretrain.parallel.deepspeed_engine import DeepSpeedEngine  # imports deepspeed: slow, only when used
 
-        return DeepSpeedEngine(model, cfg, dist.world_size, dist.device, bf16)
+        # DeepSpeed builds its optimizer (DeepSpeedCPUAdam when offloaded); the schedule drives it
+        return DeepSpeedEngine(model, cfg, dims.dp_size, dist.device, bf16, schedule)
     optimizer = build_optimizer(model, cfg.optim, dist.device)
     if p.backend == "ddp":
-        model = apply_ddp(model, dist.device)
-    return TorchEngine(model, optimizer, dist.device, autocast_bf16=bf16 and p.backend != "fsdp")
+        model = apply_ddp(model, dist.device, dims.dp_group)
+    return TorchEngine(model, optimizer, schedule(optimizer), dist.device,
+                       autocast_bf16=bf16 and p.backend != "fsdp")
 
 
 def materialize(model: nn.Module, device: torch.device, seed: int) -> None:

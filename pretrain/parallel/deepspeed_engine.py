@@ -21,6 +21,7 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from pretrain.resilience.atomic_dir import publish, temporary_sibling
 from pretrain.checkpoint.layout import DEEPSPEED_DIR, check_shapes, read_manifest
@@ -38,8 +39,9 @@ log = logging.getLogger(__name__)
 LATEST = "latest"  # DeepSpeed's file naming the newest tag in a checkpoint directory
 
 
-def deepspeed_config(cfg: Config, world_size: int, bf16: bool, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config for this job: ours, with `parallel.deepspeed` merged over it
+def deepspeed_config(cfg: Config, dp_size: int, bf16: bool, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config for this job on `dp_size` data-parallel ranks (ParallelDims.dp_size):
+    ours, with `parallel.deepspeed` merged over it
     (validate() has rejected extra keys that would contradict ours). On GPUs, gradient reductions
     overlap backward at every stage (overlap_comm, DeepSpeed's default only for stage 3); CPUs keep
     DeepSpeed's defaults, and pinned memory is a GPU notion."""
@@ -59,7 +61,7 @@ def deepspeed_config(cfg: Config, world_size: int, bf16: bool, on_gpu: bool) -> 
     generated = {
         "train_batch_size": cfg.train.global_batch_tokens // cfg.data.seq_len,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
+        "gradient_accumulation_steps": grad_accum_steps(cfg, dp_size),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
@@ -87,13 +89,14 @@ class DeepSpeedEngine:
     checkpoint_format = "deepspeed"
     can_veto_update = False
 
-    def __init__(self, model: nn.Module, cfg: Config, world_size: int, device: torch.device, bf16: bool):
+    def __init__(self, model: nn.Module, cfg: Config, dp_size: int, device: torch.device, bf16: bool,
+                 schedule: Callable[[torch.optim.Optimizer], LRScheduler]):
         import deepspeed
 
         # DeepSpeed calls these torch collectives by their old names on every step.
         warnings.filterwarnings("ignore", category=FutureWarning,
                                 message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
-        ds_config = deepspeed_config(cfg, world_size, bf16, on_gpu=device.type == "cuda")
+        ds_config = deepspeed_config(cfg, dp_size, bf16, on_gpu=device.type == "cuda")
         with building_ops(cfg.parallel.offload_optimizer):
             # What deepspeed.initialize does first (here, so that its compiler probes and the
             # shared-memory op it builds on CPUs print into the capture, not the log).
@@ -113,6 +116,7 @@ class DeepSpeedEngine:
         self.writes = _RecordedWrites(self.engine)
         self.model = self.engine
         self.optimizer = optimizer  # ZeRO steps this optimizer on its flat shards; the LR schedule drives it
+        self.scheduler = schedule(optimizer)  # once DeepSpeed has taken the optimizer over
         log.info("DeepSpeed ZeRO stage %d%s%s, bf16=%s", cfg.parallel.zero_stage,
                  ", optimizer offloaded to CPU" if cfg.parallel.offload_optimizer else "",
                  ", parameters offloaded to CPU" if cfg.parallel.offload_params else "", bf16)
@@ -210,18 +214,35 @@ def ops_to_build(offload_optimizer: bool) -> dict[str, Path]:
     """name -> build directory of each op this job needs that is neither installed prebuilt nor
     built already: DeepSpeedCPUAdam's with optimizer offload, and the shared-memory collectives
     deepspeed.comm builds when its accelerator is the CPU."""
-    from deepspeed.accelerator import get_accelerator
     from deepspeed.git_version_info import installed_ops
     from torch.utils.cpp_extension import _get_build_directory  # torch's rule for where load() builds
 
-    wanted = (["CPUAdamBuilder"] if offload_optimizer else []) + ["ShareMemCommBuilder"]
-    builders = [b for b in map(get_accelerator().create_op_builder, wanted) if b is not None]
     missing = {}
-    for builder in builders:
+    for builder in _op_builders(offload_optimizer):
         directory = Path(_get_build_directory(builder.NAME, verbose=False))
         if not installed_ops.get(builder.NAME) and not (directory / f"{builder.NAME}.so").is_file():
             missing[builder.NAME] = directory
     return missing
+
+
+def _op_builders(offload_optimizer: bool) -> list[Any]:
+    """DeepSpeed's builders of the ops a job uses on this machine's accelerator."""
+    from deepspeed.accelerator import get_accelerator
+
+    wanted = (["CPUAdamBuilder"] if offload_optimizer else []) + ["ShareMemCommBuilder"]
+    return [b for b in map(get_accelerator().create_op_builder, wanted) if b is not None]
+
+
+def build_ops(offload_optimizer: bool = True) -> list[str]:
+    """Build now the ops that DeepSpeed would otherwise build inside the first job that needs them
+    (CI runs this once per machine, before the tests; torch caches the result); returns the names
+    of the ops built."""
+    missing = ops_to_build(offload_optimizer)
+    with building_ops(offload_optimizer):
+        for builder in _op_builders(offload_optimizer):
+            if builder.NAME in missing:
+                builder.load()
+    return list(missing)
 
 
 @contextlib.contextmanager

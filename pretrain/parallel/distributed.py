@@ -1,5 +1,5 @@
-"""Where this process runs and how it joins the others: torchrun's environment, the device,
-the process group and its timeout."""
+"""Where this process runs and how it joins the others: its place in the job (torchrun's
+environment, read by launch_env.py), the device, the process group and its timeout."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.errors import PretrainError
+from pretrain.parallel.launch_env import LaunchEnv, launch_env
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,9 @@ class DistInfo:
 
 
 def dist_info_from_env(device: str = "auto") -> DistInfo:
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_world_size = int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None
-    return DistInfo(rank, local_rank, world_size, select_device(device, local_rank), local_world_size)
+    env = launch_env()
+    return DistInfo(env.rank, env.local_rank, env.world_size, select_device(device, env.local_rank),
+                    env.local_world_size)
 
 
 def select_device(requested: str, local_rank: int = 0) -> torch.device:
@@ -68,12 +67,13 @@ def init_process_group(info: DistInfo, timeout_s: float, always: bool = False) -
     if dist.is_initialized() or (info.world_size == 1 and not always):
         return False
     kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)}
+    env = launch_env()
     if info.single_host:
         bind_to_loopback()
-    if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
+    if info.world_size == 1 and env.master_addr is None:
         kwargs.update(store=dist.HashStore(), rank=0, world_size=1)  # started without torchrun
-    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        kwargs.update(store=_attempt_store(kwargs["timeout"]), rank=info.rank, world_size=info.world_size)
+    elif env.agent_store:
+        kwargs.update(store=_attempt_store(env, kwargs["timeout"]), rank=info.rank, world_size=info.world_size)
     if info.device.type == "cuda":
         # Without async error handling a timed-out NCCL collective blocks forever; with it the
         # watchdog aborts the process and logs the rank and the collective.
@@ -110,13 +110,14 @@ def loopback_interface() -> str | None:
     return None
 
 
-def _attempt_store(timeout: datetime.timedelta) -> dist.Store:
+def _attempt_store(env: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
     """torchrun's key-value store with a namespace of this attempt's own. The agent keeps one
     store for the whole job, so after a restart (--max-restarts) the keys of the failed attempt
     are still there, and the new processes read the dead ones' addresses from them: gloo then
     fails to connect and the next attempt hangs (seen with torch 2.13)."""
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"pretrain_attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    assert env.master_addr and env.master_port is not None, "torchrun's agent store comes with MASTER_ADDR/PORT"
+    store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"pretrain_attempt_{env.restart_count}", store)
 
 
 @contextlib.contextmanager
@@ -131,12 +132,13 @@ def main_rank_first(info: DistInfo) -> Iterator[None]:
         dist.barrier()
 
 
-def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """`value` summed over all ranks (a new tensor; the value itself without a process group)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+def sum_over_ranks(value: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """`value` summed over the ranks of `group` (default: all ranks); a new tensor, or the value
+    itself without a process group or in a group of one."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
         return value
     total = value.clone()
-    dist.all_reduce(total)
+    dist.all_reduce(total, group=group)
     return total
 
 

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LRScheduler
 
 from pretrain.checkpoint.layout import check_shapes, dcp_model_shapes
 from pretrain.checkpoint.safe_load import load_dcp, read_dcp_metadata
@@ -40,6 +41,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 class Engine(Protocol):
     model: nn.Module  # called for forward passes (training, evaluation, generation)
     optimizer: torch.optim.Optimizer  # the torch optimizer whose param_groups the LR schedule drives
+    scheduler: LRScheduler  # that schedule (optim.build_scheduler), stepped by the trainer after each step
     checkpoint_format: str  # recorded in each checkpoint's manifest
 
     def autocast(self) -> contextlib.AbstractContextManager: ...
@@ -62,8 +64,9 @@ class TorchEngine:
     checkpoint_format = "dcp"
     can_veto_update = True
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, autocast_bf16: bool):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+                 device: torch.device, autocast_bf16: bool):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.device, self.autocast_bf16 = device, autocast_bf16
 
     def autocast(self) -> contextlib.AbstractContextManager:

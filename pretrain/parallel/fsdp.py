@@ -1,5 +1,6 @@
 """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over ranks; HSDP
-when the mesh has a replicate dimension (shard within a node, replicate across nodes)."""
+when the mesh (ParallelDims.fsdp_mesh) has a replicate dimension (shard within a node, replicate
+across nodes)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from pretrain.errors import PretrainError
@@ -15,17 +16,10 @@ from pretrain.errors import PretrainError
 log = logging.getLogger(__name__)
 
 
-def build_mesh(device: torch.device, replicate: int, shard: int) -> DeviceMesh:
-    """A 1-D mesh for plain FSDP, 2-D (replicate, shard) for HSDP. Consecutive ranks share a
-    shard group, so with one torchrun per node `shard` = GPUs per node keeps sharding in a node."""
-    if replicate == 1:
-        return init_device_mesh(device.type, (shard,), mesh_dim_names=("shard",))
-    return init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
-
-
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool,
-               cpu_offload: bool) -> None:
-    """Shard each transformer block, then the root (embedding, final norm, head).
+def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh: DeviceMesh, bf16: bool,
+               reshard_after_forward: bool, cpu_offload: bool) -> None:
+    """Shard each of `blocks` (the model's transformer blocks), then the root (embeddings, final
+    norm, head).
 
     Each block is one communication unit: its parameters are all-gathered just before its
     forward/backward and freed after. With bf16 the gathered parameters and the compute are bf16
@@ -40,11 +34,13 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool, reshard_after_for
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
     settings = {"mesh": mesh, "mp_policy": mixed, "offload_policy": offload}
-    layers = list(model.layers)
+    layers = list(blocks)
     for i, layer in enumerate(layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **settings)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **settings)
-    log.info("FSDP2 over mesh %s: %d blocks + root, %s, reshard_after_forward=%s%s", dict(zip(
-        mesh.mesh_dim_names, mesh.shape)), len(layers), "bf16 compute / fp32 reduce" if bf16 else "fp32",
-        reshard_after_forward, ", CPU offload" if cpu_offload else "")
+    # The mesh's dims (ParallelDims.fsdp_mesh) named as the keys that set them: parallel.replicate, parallel.shard
+    shape = {name.removeprefix("dp_"): size for name, size in zip(mesh.mesh_dim_names, mesh.shape)}
+    log.info("FSDP2 over mesh %s: %d blocks + root, %s, reshard_after_forward=%s%s", shape, len(layers),
+             "bf16 compute / fp32 reduce" if bf16 else "fp32", reshard_after_forward,
+             ", CPU offload" if cpu_offload else "")

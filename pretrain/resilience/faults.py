@@ -28,6 +28,7 @@ from typing import BinaryIO, Callable
 import torch
 
 from pretrain.errors import PretrainError
+from pretrain.parallel.launch_env import launch_env
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class FaultInjector:
 
     def __init__(self, rank: int, spec: str | None = None):
         spec = os.environ.get(ENV, "") if spec is None else spec
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        first_attempt = launch_env().restart_count == 0
         self.faults = [f for f in parse_faults(spec) if f.rank in (None, rank)] if first_attempt else []
         if self.faults:
             log.warning("fault injection (%s) on rank %d: %s", ENV, rank,

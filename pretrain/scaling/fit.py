@@ -29,7 +29,7 @@ from scipy.optimize import minimize
 
 from pretrain.resilience.atomic_dir import write_file
 from pretrain.errors import PretrainError
-from pretrain.models.args import ModelArgs, count_params, flops_per_token
+from pretrain.models import DEFAULT_MODEL, count_params, flops_per_token, model_spec
 from pretrain.scaling.laws import ScalingLaw
 
 CONSTANTS = ("E", "A", "B", "alpha", "beta")
@@ -96,8 +96,9 @@ def _read_run(run_dir: Path) -> RunPoint:
     try:
         config = yaml.safe_load(config_path.read_text()) or {}
         model_section, seq_len = config["model"], int(config["data"]["seq_len"])
-        known = {f.name for f in dataclasses.fields(ModelArgs)}
-        args = ModelArgs(**{k: v for k, v in model_section.items() if k in known})
+        args_class = model_spec(model_section.get("name", DEFAULT_MODEL)).args_class
+        known = {f.name for f in dataclasses.fields(args_class)}
+        args = args_class(**{k: v for k, v in model_section.items() if k in known})
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
         raise PretrainError(f"{config_path} is not the config.yaml of a `pretrain train` run (needs a model: section "
                             f"and data.seq_len): {exc!r}") from None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.models.args import ModelArgs, count_params
+from pretrain.models import AnyModelArgs, ModelArgs, count_params, model_spec
 
 GIB = 2**30
 
@@ -65,14 +65,13 @@ def model_state_bytes(n_params: int, n_gpus: int, backend: str, zero_stage: int 
     )
 
 
-def activation_bytes(args: ModelArgs, seq_len: int, micro_batch: int, checkpointing: str = "none",
+def activation_bytes(args: AnyModelArgs, seq_len: int, micro_batch: int, checkpointing: str = "none",
                      bf16: bool = True, ac_every: int = 2) -> float:
     """Peak bytes one rank holds for backward for one micro-batch, from what autograd saves per
-    token in our block (SDPA saves no seq x seq score matrix):
-    - per block: the two RMSNorm inputs (the residual stream, fp32 even under autocast); the
-      norm outputs as the projections' inputs, q, k and v after rotation, the attention output and
-      the wo input (5 d + 2 kv_dim); the SwiGLU w1 and w3 outputs, the silu and the product
-      (4 ffn_hidden), in the compute dtype;
+    token in the family's block (SDPA saves no seq x seq score matrix):
+    - per block: what the family's ModelSpec.block_activation_bytes counts (for Llama: the two
+      RMSNorm inputs in fp32, then q, k, v, the projections' inputs and the SwiGLU's four
+      ffn_hidden-wide tensors in the compute dtype: pretrain/models/args.py);
     - a checkpointed block keeps only its input, and one block's set while it is recomputed;
     - the loss: logits, fp32 log-softmax and its gradient (12 bytes x vocab) live at once while
       every block's activations are still held; with checkpointing it is the larger of that and
@@ -80,8 +79,7 @@ def activation_bytes(args: ModelArgs, seq_len: int, micro_batch: int, checkpoint
     `checkpointing` is none | full | selective (every `ac_every`-th block). Measured on CPU in
     tests/e2e/test_memory_measured.py: within 20% of the real peak."""
     element = 2 if bf16 else 4
-    kv_dim = args.n_kv_heads * args.head_dim
-    block = 2 * 4 * args.d_model + element * (5 * args.d_model + 2 * kv_dim + 4 * args.ffn_hidden)
+    block = model_spec(args).block_activation_bytes(args, element)
     logits = 12 * args.vocab_size
     checkpointed = {"none": 0, "full": args.n_layers, "selective": args.n_layers // max(1, ac_every)}[checkpointing]
     held = (args.n_layers - checkpointed) * block + checkpointed * 4 * args.d_model
@@ -102,7 +100,7 @@ class TrainingMemory:
         return self.states.total + self.activations + self.compute_copies
 
 
-def training_memory(args: ModelArgs, seq_len: int, micro_batch: int, n_gpus: int, backend: str,
+def training_memory(args: AnyModelArgs, seq_len: int, micro_batch: int, n_gpus: int, backend: str,
                     zero_stage: int = 0, checkpointing: str = "none", bf16: bool = True,
                     ac_every: int = 2) -> TrainingMemory:
     """Model states (sharded as `backend` shards them), activations of one micro-batch, and the

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from pretrain.errors import PretrainError
-from pretrain.models.args import ModelArgs, count_params, flops_per_token
+from pretrain.models import ModelArgs, count_params, flops_per_token
 from pretrain.scaling.gpus import DEFAULT_GPU, GpuSpec, alias_note, gpu_spec
 from pretrain.scaling.laws import (
     DEFAULT_LAW,

@@ -27,7 +27,7 @@ import bisect
 import math
 from functools import lru_cache
 
-from pretrain.models.args import ModelArgs, count_params
+from pretrain.models import ModelArgs, count_params
 
 MIN_D_MODEL, MAX_D_MODEL = 32, 25600
 MAX_LAYERS = 128

@@ -20,7 +20,7 @@ from pathlib import Path
 from pretrain.config.schema import Config
 from pretrain.config.load import load_config
 from pretrain.errors import PretrainError
-from pretrain.models.args import ModelArgs, count_params, flops_per_token
+from pretrain.models import ModelArgs, count_params, flops_per_token
 from pretrain.scaling.shapes import shape_for_params, shape_for_width, widths
 
 log = logging.getLogger("pretrain")
@@ -48,6 +48,9 @@ def plan_sweep(cfg: Config, budgets: list[float], sizes: int, sweep_dir: str, sh
     Each run's overrides start with `shared_overrides` (the sweep's own overrides of the config)."""
     if sizes < 2:
         raise PretrainError(f"--sizes {sizes}: an IsoFLOP curve needs at least 2 model sizes per budget (5+ is better)")
+    if not isinstance(cfg.model, ModelArgs):
+        raise PretrainError(f"the sweep trains the Llama shapes of scaling/shapes.py, but the config has model.name="
+                            f"{cfg.model.name}; sweep a config with model.name: llama")
     vocab, seq_len, batch = cfg.model.vocab_size, cfg.data.seq_len, cfg.train.global_batch_tokens
     runs, notes = [], []
     low_ratio, high_ratio = TOKENS_PER_PARAM_RANGE

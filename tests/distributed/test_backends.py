@@ -11,6 +11,7 @@ import torch
 
 from pretrain.export.weights import load_weights
 from pretrain.checkpoint.safe_load import read_dcp_metadata
+from tests.conftest import FSDP_TWO_RANKS, ZERO3_TIED_TWO_RANKS
 from tests.distributed.ranks import run_ranks
 from tests.distributed.runs import STEPS, losses, rank_train, train
 
@@ -41,7 +42,6 @@ BACKENDS = {
     "fsdp": {"parallel__backend": "fsdp"},
     "fsdp-no-reshard-ac": {"parallel__backend": "fsdp", "parallel__reshard_after_forward": "false",
                            "parallel__activation_checkpointing": "full"},
-    "hsdp-1x2": {"parallel__backend": "fsdp", "parallel__replicate": 1, "parallel__shard": 2},
     "hsdp-2x1": {"parallel__backend": "fsdp", "parallel__replicate": 2, "parallel__shard": 1},
     "zero1": {"parallel__backend": "deepspeed", "parallel__zero_stage": 1},
     "zero2": {"parallel__backend": "deepspeed", "parallel__zero_stage": 2},
@@ -54,13 +54,19 @@ BACKENDS = {
 
 
 # A tied head is one parameter used by two modules: each way of holding parameters meets it once.
-CASES = [(name, False) for name in BACKENDS] + [(name, True) for name in ("ddp", "fsdp", "zero3")]
+CASES = [(name, False) for name in BACKENDS] + [(name, True) for name in ("ddp", "fsdp", "zero3-ac")]
 
 
 @pytest.mark.parametrize("backend, tied", CASES, ids=[f"{name}-{'tied' if tied else 'untied'}" for name, tied in CASES])
-def test_two_ranks_match_one_process(backend, tied, single_process, tmp_path, corpus_file, tokenizer_file):
-    run_ranks(rank_train, 2, tmp_path, corpus_file, tokenizer_file,
-              {**BACKENDS[backend], "model__tie_embeddings": tied})
+def test_two_ranks_match_one_process(backend, tied, single_process, tmp_path, corpus_file, tokenizer_file, request):
+    settings = {**BACKENDS[backend], "model__tie_embeddings": tied}
+    shared = {"fsdp_two_ranks": FSDP_TWO_RANKS, "zero3_tied_two_ranks": ZERO3_TIED_TWO_RANKS}
+    shared_run = next((fixture for fixture, values in shared.items() if values == settings), None)
+    if shared_run:  # trained once, also checked by the resharding and export tests
+        tmp_path = request.getfixturevalue(shared_run)
+        tmp_path = request.getfixturevalue(shared)
+    else:
+        run_ranks(rank_train, 2, tmp_path, corpus_file, tokenizer_file, settings)
     reference_run = single_process[tied]
     expected, got = losses(reference_run), losses(tmp_path)
     assert len(got) == STEPS

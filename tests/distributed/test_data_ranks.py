@@ -7,15 +7,14 @@ import json
 
 import pytest
 
-from pretrain.data import TrainData
 from tests.distributed.ranks import run_ranks
-from tests.conftest import MODES, rows_of, take
+from tests.conftest import MODES, rows_of, take, train_data
 
 pytestmark = pytest.mark.slow
 
 
 def consume(rank: int, world_size: int, cfg, tokenizer, out_dir) -> None:
-    data = TrainData(cfg, tokenizer, rank, world_size)
+    data = train_data(cfg, tokenizer, rank, world_size)
     rows = [rows_of(data.next_step()) for _ in range(4)]
     state = data.state_dict()  # a collective: every rank gathers every lane's cursor
     metrics = data.metrics()
@@ -27,7 +26,7 @@ def consume(rank: int, world_size: int, cfg, tokenizer, out_dir) -> None:
 def test_two_ranks_take_their_slices_and_gather_the_single_process_state(mixed_config, tokenizer, tmp_path, mode):
     cfg = mixed_config(data__num_workers=1, **mode)
     run_ranks(consume, 2, cfg, tokenizer, tmp_path)
-    single = TrainData(cfg, tokenizer)
+    single = train_data(cfg, tokenizer)
     expected_rows = [rows_of(single.next_step()) for _ in range(4)]
     expected_state = json.loads(json.dumps(single.state_dict()))
     single.close()
@@ -37,6 +36,6 @@ def test_two_ranks_take_their_slices_and_gather_the_single_process_state(mixed_c
         assert result["state"] == expected_state
         assert result["metrics"]["mix_share"] == pytest.approx({"topics": 0.3, "paragraphs": 0.7}, abs=0.1)
     # and the gathered state resumes a single process exactly where the uninterrupted one is
-    resumed = TrainData(cfg, tokenizer)
+    resumed = train_data(cfg, tokenizer)
     resumed.load_state_dict(expected_state)
     assert take(resumed, steps=2) == take(single, steps=2)

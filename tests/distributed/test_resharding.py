@@ -22,10 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, corpus_file, tokenizer_file) -> list[float]:
-    run = tmp_path_factory.mktemp("uninterrupted")
-    run_ranks(rank_train, 2, run, corpus_file, tokenizer_file, {"parallel__backend": "fsdp"})
-    return losses(run)
+def uninterrupted(fsdp_two_ranks) -> list[float]:
+    return losses(fsdp_two_ranks)
 
 
 @pytest.mark.parametrize("backend", ["fsdp", "ddp"])

@@ -16,6 +16,8 @@ from pretrain.resilience.step_guard import LEDGER
 from pretrain.trainer import Trainer
 from tests.conftest import read_metrics
 
+pytestmark = pytest.mark.slow  # ~30 short training runs: too long for the inner loop
+
 
 def train(cfg, monkeypatch, faults: str = "") -> Trainer:
     monkeypatch.setenv("PRETRAIN_FAULTS", faults)

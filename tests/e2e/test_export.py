@@ -32,6 +32,7 @@ from pretrain.checkpoint.safe_load import weights_only_loads
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
 from tests.distributed.ranks import run_ranks
+from tests.distributed.runs import STEPS as TWO_RANK_STEPS
 from tests.distributed.runs import rank_train
 from tokenizer import Tokenizer
 
@@ -62,24 +63,22 @@ def dcp_runs(tmp_path_factory, corpus_file, tokenizer_file) -> dict[str, tuple[P
     return runs
 
 
-TWO_RANKS = {
-    # DeepSpeed's own format, parameters partitioned; a tied head and wrapped blocks
-    "zero3": {"parallel__backend": "deepspeed", "parallel__zero_stage": 3,
-              "parallel__activation_checkpointing": "selective", "model__tie_embeddings": True},
-    # DCP with every parameter split between the two ranks' files
-    "fsdp": {"parallel__backend": "fsdp"},
-}
-
-
-@pytest.fixture(scope="module", params=list(TWO_RANKS))
+@pytest.fixture(scope="module", params=["zero3", "fsdp"])
 def two_rank_run(request, tmp_path_factory, corpus_file, tokenizer_file) -> tuple[Path, dict]:
-    """A checkpoint written by 2 ranks and the run's final weights."""
-    run_dir = tmp_path_factory.mktemp(request.param)
-    run_ranks(rank_train, 2, run_dir, corpus_file, tokenizer_file,
-              {"train__max_steps": STEPS, "optim__warmup_steps": STEPS, "checkpoint__every": STEPS,
-               "eval__every": 0, **TWO_RANKS[request.param]})
+    """A checkpoint written by 2 ranks and the run's final weights: DeepSpeed's own format with
+    parameters partitioned, a tied head and wrapped blocks (the session's shared ZeRO-3 run), or
+    DCP with every parameter split between the two ranks' files."""
+    if request.param == "zero3":
+        run_dir = request.getfixturevalue("zero3_tied_two_ranks")
+        checkpoint = run_dir / "checkpoints" / f"step_{TWO_RANK_STEPS:08d}"
+    else:
+        run_dir = tmp_path_factory.mktemp(request.param)
+        run_ranks(rank_train, 2, run_dir, corpus_file, tokenizer_file,
+                  {"train__max_steps": STEPS, "optim__warmup_steps": STEPS, "checkpoint__every": STEPS,
+                   "eval__every": 0, "parallel__backend": "fsdp"})
+        checkpoint = checkpoint_of(run_dir)
     weights = torch.load(run_dir / "weights.pt", weights_only=True)
-    return checkpoint_of(run_dir), {strip_wrappers(k): v for k, v in weights.items()}
+    return checkpoint, {strip_wrappers(k): v for k, v in weights.items()}
 
 
 def assert_same_weights(got: dict, expected: dict) -> None:
@@ -117,7 +116,7 @@ def test_parity_gate_rejects_swapped_weights_and_leaves_nothing(dcp_runs, tmp_pa
     ckpt, _ = dcp_runs["untied"]
     swap = {"layers.0.attention.wq.weight": "layers.0.attention.wo.weight",
             "layers.0.attention.wo.weight": "layers.0.attention.wq.weight"}  # same shape: only parity sees it
-    monkeypatch.setattr(hf_module, "to_hf_name", lambda name: to_hf_name(swap.get(name, name)))
+    monkeypatch.setattr(hf_module, "to_hf_name", lambda name, adapter: to_hf_name(swap.get(name, name), adapter))
     out = tmp_path / "hf"
     with pytest.raises(PretrainError, match=r"parity check failed: .* differ .* by up to"):
         export_hf(ckpt, out)

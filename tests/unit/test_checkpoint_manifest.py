@@ -38,5 +38,7 @@ def test_checkpoint_the_engine_cannot_read_is_refused_with_the_fix(tmp_path, wri
     path = checkpoint(tmp_path, engine=written_by, world_size=world_size)
     engine = RecordingEngine(reader)
     with pytest.raises(PretrainError, match=message):
-        CheckpointManager(CheckpointConfig(), str(tmp_path), DistInfo(0, 0, 1, torch.device("cpu"))).load(path, engine)
+        manager = CheckpointManager(CheckpointConfig(), str(tmp_path), DistInfo(0, 0, 1, torch.device("cpu")))
+        manager.track({"engine": engine, "train": None})  # refused before the training state is read
+        manager.load(path)
     assert engine.loaded == []

@@ -173,7 +173,7 @@ def test_generated_deepspeed_config_follows_ours_and_merges_extra_keys():
     cfg = load_config(DEMO, ["--parallel.backend=deepspeed", "--parallel.zero_stage=3", "--optim.grad_clip=0.5",
                              "--parallel.offload_params=true",
                              "--parallel.deepspeed={zero_optimization: {reduce_bucket_size: 1000}}"], world_size=2)
-    ds = deepspeed_config(cfg, world_size=2, bf16=True, on_gpu=False)
+    ds = deepspeed_config(cfg, dp_size=2, bf16=True, on_gpu=False)
     # demo: 2048 tokens = 16 sequences of 128 per step, micro-batches of 8, so 2 ranks need no accumulation
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 8, 1)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
@@ -181,7 +181,7 @@ def test_generated_deepspeed_config_follows_ours_and_merges_extra_keys():
                                        "stage3_prefetch_bucket_size": int(0.9 * 256 * 256),
                                        "stage3_param_persistence_threshold": 2560,
                                        "offload_param": {"device": "cpu", "pin_memory": False}}
-    on_gpu = deepspeed_config(cfg, world_size=2, bf16=True, on_gpu=True)["zero_optimization"]
+    on_gpu = deepspeed_config(cfg, dp_size=2, bf16=True, on_gpu=True)["zero_optimization"]
     assert on_gpu["overlap_comm"] is True and on_gpu["offload_param"]["pin_memory"] is True
 
 

@@ -15,11 +15,21 @@ from pretrain.config import CheckpointConfig
 from pretrain.export import load_weights
 from pretrain.export.readers import checkpoint_config
 from pretrain.models import Transformer
-from pretrain.parallel import DistInfo, build_engine
+from pretrain.parallel import DistInfo, ParallelDims, build_engine
 from tests.fixtures.make_golden_checkpoint import fixed_batch, loss_on
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 GOLDEN = sorted(FIXTURES.glob("checkpoint_v*/"))
+
+
+class TrainingState:
+    """Stands in for the trainer: what a checkpoint's trainer_state.pt restores lands here."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loaded = state
 
 
 def test_there_is_a_golden_checkpoint_of_the_current_format():
@@ -37,8 +47,11 @@ def test_golden_checkpoint_restores_the_model_it_was_saved_with(golden):
     single = DistInfo(0, 0, 1, torch.device("cpu"))
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    engine = build_engine(model, cfg, single, "fp32")
-    state = CheckpointManager(CheckpointConfig(), str(golden.parent / "unused"), single).load(golden, engine)
+    engine = build_engine(model, cfg, single, ParallelDims.from_config(cfg.parallel, 1), "fp32")
+    manager, training = CheckpointManager(CheckpointConfig(), str(golden.parent / "unused"), single), TrainingState()
+    manager.track({"engine": engine, "train": training})
+    manager.load(golden)
+    state = training.loaded
     assert state["step"] == manifest["step"] == expected["step"]
     assert state["tokens_seen"] == manifest["tokens_seen"]
     assert {"scheduler", "data"} <= state.keys() and state["data"]["step"] == expected["step"]

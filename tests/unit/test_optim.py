@@ -70,7 +70,9 @@ def gradients_after_engine_step(max_norm: float, approve=None) -> tuple[list[tor
     model(torch.randn(4, 6)).square().sum().backward()
     raw = [p.grad.clone() for p in model.parameters()]
     before = [p.detach().clone() for p in model.parameters()]
-    engine = TorchEngine(model, torch.optim.SGD(model.parameters(), lr=1.0), torch.device("cpu"), autocast_bf16=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    engine = TorchEngine(model, optimizer, constant, torch.device("cpu"), autocast_bf16=False)
     norm = engine.step(max_norm, approve)
     assert all(p.grad is None for p in model.parameters())
     return [b - p.detach() for b, p in zip(before, model.parameters())], raw, float(norm)

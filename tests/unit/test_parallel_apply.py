@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pretrain.errors import ConfigError
 from pretrain.models import Transformer
 from pretrain.models.fused_loss import softmax_cross_entropy_grad
-from pretrain.parallel import DistInfo, build_engine
+from pretrain.parallel import DistInfo, ParallelDims, build_engine
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -18,7 +18,7 @@ CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 def engine_for(cfg):
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    return build_engine(model, cfg, CPU, "fp32")
+    return build_engine(model, cfg, CPU, ParallelDims.from_config(cfg.parallel, 1), "fp32")
 
 
 def loss_and_grads(engine, tokens):

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain.data import TrainData, validation_batches
 from pretrain.data.prepared import prepare
 from pretrain.errors import PretrainError
 from pretrain.config import SourceConfig
-from tests.conftest import pydoc_documents, take
+from tests.conftest import held_out, pydoc_documents, take, train_data
 
 
 @pytest.fixture
@@ -42,18 +41,18 @@ def test_prepared_shards_give_exactly_the_batches_of_the_source_tokenized_in_mem
         assert m["dtype"] == "uint16" and m["tokenizer_sha256"] == tokenizer.sha256
         assert (directory / "tokens.bin").stat().st_size == 2 * m["train_tokens"] > 0
         assert (directory / "val.bin").stat().st_size == 2 * m["val_tokens"]
-    in_memory = TrainData(in_memory_cfg, tokenizer)
-    from_shards = TrainData(cfg, tokenizer)
+    in_memory = train_data(in_memory_cfg, tokenizer)
+    from_shards = train_data(cfg, tokenizer)
     assert np.array_equal(from_shards.indexed[0].tokens, in_memory.indexed[0].tokens)
     assert from_shards.fingerprint == in_memory.fingerprint  # a checkpoint resumes in either mode
     assert take(from_shards, steps=30) == take(in_memory, steps=30)
-    for (x, y), (a, b) in zip(validation_batches(cfg, tokenizer, 3), validation_batches(in_memory_cfg, tokenizer, 3)):
+    for (x, y), (a, b) in zip(held_out(cfg, tokenizer, 3), held_out(in_memory_cfg, tokenizer, 3)):
         assert x.equal(a) and y.equal(b)
     # a source streamed chunk by chunk gives another stream: resuming it from shards is refused
-    streamed = TrainData(prepared_config(prepared=False, data__in_memory_max_bytes=0), tokenizer)
+    streamed = train_data(prepared_config(prepared=False, data__in_memory_max_bytes=0), tokenizer)
     take(streamed, steps=2)
     with pytest.raises(PretrainError, match=r"\('topics'\): read streamed in the checkpoint, indexed now"):
-        TrainData(cfg, tokenizer).load_state_dict(streamed.state_dict())
+        train_data(cfg, tokenizer).load_state_dict(streamed.state_dict())
 
 
 def test_prepare_skips_up_to_date_sources_and_checks_what_it_reads(prepared_config, tokenizer, tmp_path,
@@ -69,21 +68,21 @@ def test_prepare_skips_up_to_date_sources_and_checks_what_it_reads(prepared_conf
 
     other = train_tokenizer(pydoc_documents(40), 400, tmp_path / "other.model")
     with pytest.raises(PretrainError, match=r"tokenized with another tokenizer .* re-run `pretrain data prepare"):
-        TrainData(cfg, other)
+        train_data(cfg, other)
     small = tmp_path / "small.jsonl"
     small.write_text(small.read_text() + json.dumps({"text": "one more"}) + "\n")
     with pytest.raises(PretrainError, match=r"shards of source 'small' .* are stale"):
-        TrainData(prepared_config(prepared=True), tokenizer)
+        train_data(prepared_config(prepared=True), tokenizer)
 
 
 def test_a_source_that_was_not_prepared_names_the_command(prepared_config, tokenizer, tmp_path):
     cfg = prepared_config(prepared=True)
     with pytest.raises(PretrainError, match=r"holds no prepared source 'topics' .* run `pretrain data prepare`"):
-        TrainData(cfg, tokenizer)
+        train_data(cfg, tokenizer)
     # a half-written source (the temporary directory of a crashed prepare) is not taken for one
     (tmp_path / "prepared" / ".tmp_topics").mkdir(parents=True)
     with pytest.raises(PretrainError, match="holds no prepared source 'topics'"):
-        TrainData(cfg, tokenizer)
+        train_data(cfg, tokenizer)
 
 
 def test_prepare_needs_a_directory():

@@ -17,7 +17,7 @@ from pretrain.data import TrainData, open_sources
 from pretrain.data.prepared import prepare
 from pretrain.data.sources import FileSource, RecordErrors, is_validation
 from pretrain.errors import ConfigError, PretrainError
-from tests.conftest import STREAMED, take
+from tests.conftest import STREAMED, take, train_data
 
 
 def write_mixed(directory, n: int = 30) -> list[str]:
@@ -62,12 +62,12 @@ def test_a_glob_over_mixed_file_types_reads_every_record_of_every_file(mixed_con
     expected = write_mixed(tmp_path / "fin")
     # the whole directory, and a glob over the three JSON Lines flavours
     cfg = mixed_config(data__sources=sources_override(f"'{tmp_path}/fin/*'"), data__val_fraction=0.0)
-    data = TrainData(cfg, tokenizer)
+    data = train_data(cfg, tokenizer)
     assert [f.rsplit("/", 1)[1] for f in data.sources[0].files] == [
         "a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.txt", "e.parquet"]
     assert training_texts(data, tokenizer) == expected
     cfg = mixed_config(data__sources=sources_override(f"'{tmp_path}/fin/*.jsonl*'"), data__val_fraction=0.0)
-    assert training_texts(TrainData(cfg, tokenizer), tokenizer) == expected[: 3 * 30]
+    assert training_texts(train_data(cfg, tokenizer), tokenizer) == expected[: 3 * 30]
 
 
 def test_a_list_of_paths_and_globs_is_one_source_in_the_order_given(mixed_config, tokenizer, tmp_path):
@@ -79,7 +79,7 @@ def test_a_list_of_paths_and_globs_is_one_source_in_the_order_given(mixed_config
     paths = "[" + ", ".join(f"'{p}'" for p in patterns) + "]"
     cfg = mixed_config(data__sources=sources_override(paths), data__val_fraction=0.0)
     assert cfg.data.sources[0].path == patterns
-    data = TrainData(cfg, tokenizer)
+    data = train_data(cfg, tokenizer)
     # each pattern's matches sorted, the patterns in order; b.jsonl.gz, matched twice, is read once
     assert [f.rsplit("/", 1)[1] for f in data.sources[0].files] == ["z.jsonl", "b.jsonl.gz", "c.jsonl.zst",
                                                                     "e.parquet"]
@@ -112,11 +112,11 @@ def test_a_mixed_source_splits_held_out_documents_and_resumes_exactly(mixed_conf
     assert 0.1 < len(val) / len(expected) < 0.3
     # streamed through lanes: a resume in the middle continues with the very same batches
     streamed = mixed_config(data__sources=sources, data__val_fraction=0.2, data__chunk_bytes=4096, **STREAMED)
-    whole = take(TrainData(streamed, tokenizer), steps=12)
-    first = TrainData(streamed, tokenizer)
+    whole = take(train_data(streamed, tokenizer), steps=12)
+    first = train_data(streamed, tokenizer)
     assert take(first, steps=5) == whole[:5]
     state = first.state_dict()
-    resumed = TrainData(streamed, tokenizer)
+    resumed = train_data(streamed, tokenizer)
     resumed.load_state_dict(state)
     assert take(resumed, steps=7) == whole[5:]
 
@@ -128,7 +128,7 @@ def test_pretrain_data_prepare_takes_a_mixed_list_source(mixed_config, tokenizer
     prepared = mixed_config(data__sources=sources, data__prepared_dir=str(tmp_path / "prepared"))
     (manifest,) = prepare(prepared, tokenizer, workers=1, progress=False)
     assert manifest["train_documents"] == sum(not is_validation(t, 0.1) for t in expected) > 100
-    from_shards, from_files = TrainData(prepared, tokenizer), TrainData(in_memory, tokenizer)
+    from_shards, from_files = train_data(prepared, tokenizer), train_data(in_memory, tokenizer)
     assert np.array_equal(from_shards.indexed[0].tokens, from_files.indexed[0].tokens)
     assert from_shards.fingerprint == from_files.fingerprint
 
@@ -177,12 +177,12 @@ def test_files_a_source_cannot_read_and_wrong_path_values_are_config_errors(mixe
 def test_an_empty_file_is_an_error_that_names_it(mixed_config, tokenizer, tmp_path, name):
     (tmp_path / name).write_bytes(b"")
     with pytest.raises(PretrainError) as info:
-        TrainData(mixed_config(data__sources=sources_override(f"'{tmp_path}/{name}'")), tokenizer)
+        train_data(mixed_config(data__sources=sources_override(f"'{tmp_path}/{name}'")), tokenizer)
     assert f"data source 'fin': {tmp_path}/{name} is empty, so the source holds no documents; fill it" \
         in str(info.value)
     (tmp_path / "blank.txt").write_text("\n  \n\n")  # not empty, but no document either
     with pytest.raises(PretrainError, match=rf"'fin' has no training documents in {re.escape(str(tmp_path))}/blank"):
-        TrainData(mixed_config(data__sources=sources_override(f"'{tmp_path}/blank.txt'")), tokenizer)
+        train_data(mixed_config(data__sources=sources_override(f"'{tmp_path}/blank.txt'")), tokenizer)
 
 
 def test_empty_files_beside_others_are_named_in_a_warning(mixed_config, tokenizer, tmp_path, caplog):
@@ -191,13 +191,13 @@ def test_empty_files_beside_others_are_named_in_a_warning(mixed_config, tokenize
     (tmp_path / "fin" / "g.txt").write_bytes(b"")
     cfg = mixed_config(data__sources=sources_override(f"'{tmp_path}/fin/*'"), data__val_fraction=0.0)
     with caplog.at_level(logging.WARNING):
-        data = TrainData(cfg, tokenizer)
+        data = train_data(cfg, tokenizer)
     assert f"data source 'fin': 2 of its files are empty and add no documents: {tmp_path}/fin/f.jsonl, " \
            f"{tmp_path}/fin/g.txt" in caplog.text
     assert training_texts(data, tokenizer) == expected
     both_empty = sources_override(f"['{tmp_path}/fin/f.jsonl', '{tmp_path}/fin/g.txt']")
     with pytest.raises(PretrainError, match=r"its 2 files .*/f\.jsonl, .*/g\.txt are empty"):
-        TrainData(mixed_config(data__sources=both_empty), tokenizer)
+        train_data(mixed_config(data__sources=both_empty), tokenizer)
 
 
 # ---- skipped bad records: one warning per file, with the count and the first one ----
@@ -229,7 +229,7 @@ def test_skipped_records_are_logged_once_per_file_with_count_and_first_place(mix
     cfg = mixed_config(data__sources=sources_override(f"'{tmp_path}/*.jsonl*'"), data__on_bad_record="skip",
                        **mode)
     with caplog.at_level(logging.WARNING):
-        data = TrainData(cfg, tokenizer)
+        data = train_data(cfg, tokenizer)
         take(data, steps=30)  # streamed: every chunk is read again and again (epochs, strided parts)
     lines = [r.getMessage() for r in caplog.records if "bad record" in r.getMessage()]
     assert len(lines) == 2, lines  # one per file with bad records, however often it is read
