@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pretrain.checkpoint.manager import CheckpointManager, checkpoint_dir, read_manifest
 from pretrain.config import Config, load_config
 from pretrain.hardware.devices import keep_freed_memory
-from pretrain.models import Transformer, count_params
+from pretrain.models import ModelArgs, Transformer, count_params
 from pretrain.parallel import Engine, ParallelDims, build_engine, dist_info_from_env
 
 BATCH, SEQ_LEN = 2, 64  # the training steps only need to run, not to be representative
@@ -51,6 +51,7 @@ def build_config(args: argparse.Namespace, out_dir: str) -> Config:
 
 
 def new_engine(cfg: Config) -> Engine:
+    assert isinstance(cfg.model, ModelArgs)  # the default family, Llama
     with torch.device("meta"):
         model = Transformer(cfg.model)
     return build_engine(model, cfg, dist_info_from_env("cpu"), ParallelDims.from_config(cfg.parallel, 1), "fp32")
@@ -88,6 +89,7 @@ def timed_async_save(manager: CheckpointManager, step: int, engine: Engine, toke
     while the write was in flight); `manager` tracks `engine`."""
     start = time.perf_counter()
     blocked = manager.save(step, *save_args)
+    assert manager.pending is not None  # checkpoint.async: save() left the write pending
     written: list[float] = []
     # The write may end mid-step; the callback records when, so `total` is not rounded up to a step.
     manager.pending.future.add_done_callback(lambda _: written.append(time.perf_counter()))

@@ -191,6 +191,7 @@ def demo_model_tokens_per_s(out_dir: str, steps: int = 8) -> float:
         trainer.train_step()
         times.append(time.perf_counter() - start)
     trainer.close()
+    assert cfg.train.global_batch_tokens is not None  # filled in by validate()
     return cfg.train.global_batch_tokens / statistics.median(times)
 
 
@@ -234,12 +235,14 @@ def main() -> int:
             return load_config(None, [f"--{k}={'null' if v is None else v}" for k, v in values.items()], world_size=1)
 
         tokenizer = load_or_train_tokenizer(config())
+        tokenizer_path = tokenizer.path
+        assert tokenizer_path is not None  # loaded from a file
         shards = {"data.prepared_dir": str(out / "prepared"), "data.num_workers": 0}
         with Measure() as m:
             manifest = prepare(config(**shards), tokenizer, workers=2, progress=False)[0]
         ours_prepare = (manifest["train_tokens"], m.wall, m.cpu)
         with Measure() as m:
-            cached = hf_map(corpus, tokenizer.path, out / "hf-cache")
+            cached = hf_map(corpus, tokenizer_path, out / "hf-cache")
         hf_prepare = (int(pc.sum(pc.list_value_length(cached.data.column("input_ids"))).as_py()), m.wall, m.cpu)
         # One pass over the corpus, the same number of batches for every pipeline.
         n_batches = (min(ours_prepare[0], hf_prepare[0]) - 1) // (BATCH * args.seq_len)
@@ -248,7 +251,7 @@ def main() -> int:
         hf_shards = timed(lambda: hf_cached(cached, args.seq_len, n_batches))
         hf_shuffled = timed(lambda: hf_cached(cached.shuffle(seed=0), args.seq_len, n_batches))
         ours_shards = timed(lambda: run_ours(config(**steps, **shards), tokenizer))
-        hf_stream = timed(lambda: hf_streaming(corpus, tokenizer.path, args.seq_len, n_batches))
+        hf_stream = timed(lambda: hf_streaming(corpus, tokenizer_path, args.seq_len, n_batches))
         # A source above data.in_memory_max_bytes: read chunk by chunk by lanes in the workers.
         streamed = config(**steps, **{"data.in_memory_max_bytes": 0, "data.lanes": BATCH,
                                       "data.chunk_bytes": 1 << 18})

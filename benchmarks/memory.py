@@ -19,6 +19,7 @@ import json
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,12 +73,12 @@ def _measure(rank: int, world_size: int, overrides: list[str], result: Path) -> 
     trainer = Trainer(cfg, dist_info_from_env("cpu"))
     step, measured = trainer.engine.step, []
 
-    def measuring_step(max_norm: float) -> torch.Tensor:
+    def measuring_step(max_norm: float, approve: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
         gc.collect()
         measured.append(live_tensor_bytes())
-        return step(max_norm)
+        return step(max_norm, approve)
 
-    trainer.engine.step = measuring_step
+    trainer.engine.step = measuring_step  # type: ignore[method-assign]  # measured where the optimizer steps
     trainer.train()
     if rank == 0:
         result.write_text(json.dumps(measured[-1]))

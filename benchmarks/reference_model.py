@@ -38,6 +38,9 @@ class Block(nn.Module):
 
 
 class ReferenceLlama(nn.Module):
+    cos: torch.Tensor  # the rotary tables, registered as buffers
+    sin: torch.Tensor
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embedding = nn.Embedding(args.vocab_size, args.d_model)
@@ -49,6 +52,7 @@ class ReferenceLlama(nn.Module):
         for param in self.parameters():
             if param.ndim == 2:
                 nn.init.normal_(param, std=0.02)
+        assert args.max_seq_len is not None  # filled in by validate()
         angles = torch.outer(torch.arange(args.max_seq_len).float(),
                              args.rope_theta ** -(torch.arange(0, args.head_dim, 2).float() / args.head_dim))
         angles = torch.cat([angles, angles], dim=-1)

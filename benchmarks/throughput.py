@@ -43,14 +43,14 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from reference_model import ReferenceLlama
 
 from pretrain.config import load_config
 from pretrain.hardware.devices import keep_freed_memory, measure_matmul_flops, resolve_precision
-from pretrain.observability.log_setup import setup_logging
 from pretrain.models import count_params, flops_per_token
+from pretrain.observability.log_setup import setup_logging
 from pretrain.parallel.compile import missing_compiler
 from pretrain.trainer import Trainer
-from reference_model import ReferenceLlama
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Tokenizers are trained small (python-docs is ~2 MB): the model's vocabulary stays the shape's.
@@ -82,6 +82,7 @@ class Result:
 def shared_temporary_dir(world_size: int, rank: int) -> Iterator[str]:
     """A temporary out_dir; under torchrun the same one on every rank (the tokenizer is trained by
     rank 0 and read by the others), removed by rank 0 at the end."""
+    path: str | Path
     if world_size == 1:
         with tempfile.TemporaryDirectory() as path:
             yield path

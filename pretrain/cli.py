@@ -33,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_interruption(exc: KeyboardInterrupt) -> int:
     """Say once (rank 0 of a torchrun job) what a Ctrl-C that stopped at once cost."""
+    from pretrain.parallel.launch_env import launch_env
     from pretrain.resilience.preemption import INTERRUPTED_EXIT_CODE
 
-    if os.environ.get("RANK", "0") == "0":
+    if launch_env().rank == 0:
         print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
     return INTERRUPTED_EXIT_CODE
 
@@ -194,15 +195,15 @@ def run_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def run_preflight(args: argparse.Namespace, extra: list[str]) -> int:
-    import os
-
     from pretrain.hardware import preflight
     from pretrain.observability.log_setup import setup_logging
     from pretrain.parallel import exit_process
+    from pretrain.parallel.launch_env import launch_env
 
-    setup_logging(int(os.environ.get("RANK", "0")))
+    env = launch_env()
+    setup_logging(env.rank)
     code = preflight.main(args.config, [*args.overrides, *extra])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if env.world_size > 1:
         exit_process(code)
     return code
 

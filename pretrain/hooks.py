@@ -64,12 +64,13 @@ def samples(checkpoint: str, step: int, config: Config, prompts: list[str] | Non
             top_k: int = 1, temperature: float = 1.0, device: str = "cpu") -> dict:
     """Completions of a fixed list of prompts (default eval.sample_prompts), greedy unless top_k > 1,
     written to out_dir/eval/samples_step_<step>.txt, so checkpoints can be read side by side."""
-    from pretrain.resilience.atomic_dir import write_file
     from pretrain.evaluation.generate import generate
+    from pretrain.resilience.atomic_dir import write_file
 
     model, tokenizer = _load(checkpoint, config, device)
     generator = torch.Generator().manual_seed(config.train.seed)
     texts = []
+    assert config.model.max_seq_len is not None  # a checkpoint's config has it derived
     for prompt in prompts if prompts is not None else config.eval.sample_prompts:
         new = generate(model, tokenizer.encode(prompt), tokens, config.model.max_seq_len, top_k, temperature,
                        stop_id=tokenizer.eos_id, generator=generator)

@@ -12,7 +12,8 @@ from pretrain.config.schema import OptimConfig
 
 def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Matrices get weight decay, vectors (norm gains) do not."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)

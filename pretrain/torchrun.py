@@ -12,8 +12,12 @@ Everything else, options included, is torchrun's own."""
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from pretrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    import argparse
 
 
 def world_size(nnodes: str, nproc_per_node: str) -> int | None:
@@ -25,18 +29,18 @@ def world_size(nnodes: str, nproc_per_node: str) -> int | None:
     return int(low) * int(nproc_per_node)
 
 
-def check_config(args: object) -> None:
+def check_config(args: argparse.Namespace) -> None:
     """Raise ConfigError when the job is `pretrain train` with a config that does not validate."""
     from pretrain.config.load import load_config
 
-    script_args = list(getattr(args, "training_script_args"))
-    if not (getattr(args, "module") and getattr(args, "training_script") == "pretrain"
+    script_args = list(args.training_script_args)
+    if not (args.module and args.training_script == "pretrain"
             and script_args[:1] == ["train"] and len(script_args) > 1):
         return
     config, overrides = script_args[1], script_args[2:]
     if config.startswith("-"):
         return  # `train --help` and the like: the ranks answer those
-    load_config(config, overrides, world_size(str(getattr(args, "nnodes")), str(getattr(args, "nproc_per_node"))))
+    load_config(config, overrides, world_size(str(args.nnodes), str(args.nproc_per_node)))
 
 
 def main(argv: list[str] | None = None) -> int:

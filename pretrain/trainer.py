@@ -10,20 +10,21 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.checkpoint.layout import checkpoint_dir
-from pretrain.config.schema import Config, ParallelConfig
+from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.config.load import config_to_yaml, grad_accum_steps, save_config
+from pretrain.config.schema import Config, ParallelConfig
 from pretrain.data import TrainData, load_or_train_tokenizer, open_sources, validation_sets
 from pretrain.errors import PREEMPTED_EXIT_CODE, CorruptCheckpoint, PretrainError
+from pretrain.evaluation.generate import generate
 from pretrain.evaluation.hook_runner import HookRunner
 from pretrain.evaluation.validation import validation_metrics
-from pretrain.resilience.faults import FaultInjector
-from pretrain.evaluation.generate import generate
 from pretrain.hardware.devices import keep_freed_memory, memory_gib, mfu_reference, resolve_precision
 from pretrain.hardware.memory_advice import oom_message
-from pretrain.observability.metrics import MetricLogger
+from pretrain.hardware.preflight import format_report, run_preflight
 from pretrain.models import count_params, flops_per_token, model_spec
+from pretrain.observability.metrics import MetricLogger
+from pretrain.observability.progress import TrainingProgress, progress_enabled
 from pretrain.parallel import (
     DistInfo,
     ParallelDims,
@@ -37,9 +38,8 @@ from pretrain.parallel import (
     main_rank_first,
     sum_over_ranks,
 )
+from pretrain.resilience.faults import FaultInjector
 from pretrain.resilience.preemption import INTERRUPTED_EXIT_CODE, StopNow, StopSignals
-from pretrain.hardware.preflight import format_report, run_preflight
-from pretrain.observability.progress import TrainingProgress, progress_enabled
 from pretrain.resilience.run_lock import lock_out_dir
 from pretrain.resilience.step_guard import OK, BadBatchLedger, StepGuard, Verdict
 from pretrain.resilience.watchdog import HangWatchdog
@@ -187,6 +187,7 @@ class Trainer:
             self.evaluate()  # the untrained model's loss, ~ln(vocab_size): a check on init and data
         interval_start, interval_steps = time.perf_counter(), 0
         show_progress = progress_enabled(cfg.logging.progress, self.dist.is_main)
+        assert cfg.train.global_batch_tokens is not None  # filled in by validate()
         with TrainingProgress(show_progress, self.step, last_step, cfg.train.global_batch_tokens) as progress, \
                 HangWatchdog(cfg.train.hang_timeout_s, self.dist.rank) as watchdog:
             while self.step < last_step:
@@ -335,6 +336,7 @@ class Trainer:
         return True
 
     def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_seconds: float, last_step: int) -> None:
+        assert self.cfg.train.global_batch_tokens is not None  # filled in by validate()
         tokens_per_s = self.cfg.train.global_batch_tokens / step_seconds
         flops_per_s = self.flops_per_token * tokens_per_s / self.dist.world_size
         measured = {"mfu_measured": flops_per_s / self.measured_flops} if self.measured_flops else {}
@@ -356,6 +358,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Validation loss, perplexity and bits per byte, per source and mixture-weighted
         (pretrain/evaluation/validation.py); logged, the weighted loss returned."""
+        assert self.val_sets is not None  # callers check that there are validation sets
         metrics = validation_metrics(self.model, self.val_sets, self.token_bytes,
                                      {s.name: s.weight for s in self.cfg.data.sources}, self.device,
                                      self.engine.autocast,  # each data-parallel rank evaluated its share
@@ -366,6 +369,7 @@ class Trainer:
     def write_samples(self) -> list[str]:
         """Complete each of eval.sample_prompts; print them and append them to out_dir/samples.txt."""
         ev = self.cfg.eval
+        assert self.cfg.model.max_seq_len is not None  # filled in by validate()
         generator = torch.Generator().manual_seed(self.cfg.train.seed)
         samples = []
         self.model.eval()
@@ -400,6 +404,7 @@ class Trainer:
             log.info("skipping the data window of an earlier rollback to step %d (%s)", self.step, self.ledger.path)
 
     def save_checkpoint(self) -> None:
+        assert self.tokenizer.path is not None  # loaded from a file (load_or_train_tokenizer)
         try:
             blocked = self.checkpoints.save(self.step, config_to_yaml(self.cfg), self.tokenizer.path)
         except KeyboardInterrupt:

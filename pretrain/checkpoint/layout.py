@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 
 from pretrain.errors import PretrainError
-from pretrain.models.args import ModelArgs
+from pretrain.models.registry import AnyModelArgs
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -104,7 +104,7 @@ def dcp_model_shapes(metadata: Any) -> dict[str, torch.Size]:
 
 
 def check_shapes(expected: Mapping[str, torch.Size], weights: Mapping[str, torch.Size | torch.Tensor], source: str,
-                 args: ModelArgs | None = None) -> None:
+                 args: AnyModelArgs | None = None) -> None:
     """Raise PretrainError for the first parameter of `expected` (this model's config) that
     `weights` lacks or holds with another shape, or for a parameter it holds beyond them. `args`
     adds the config values that determine the offending shape to the message."""
@@ -135,7 +135,7 @@ _SHAPE_FIELDS = (
 )
 
 
-def _config_values(name: str, args: ModelArgs | None) -> str:
+def _config_values(name: str, args: AnyModelArgs | None) -> str:
     if args is None:
         return ""
     fields = next((f for pattern, f in _SHAPE_FIELDS if re.search(pattern, name)), ())

@@ -15,14 +15,13 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import TypedDict, cast
 
 import torch
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from pretrain.resilience.atomic_dir import publish, temporary_path, temporary_sibling
 from pretrain.checkpoint.layout import (
     CONFIG,
     FORMAT_VERSION,
@@ -36,12 +35,13 @@ from pretrain.checkpoint.layout import (
     damage,
     read_manifest,
 )
+from pretrain.checkpoint.safe_load import refusal
 from pretrain.config.schema import CheckpointConfig
 from pretrain.errors import CorruptCheckpoint, PretrainError
-from pretrain.resilience.faults import FaultInjector
 from pretrain.models import DEFAULT_MODEL, AnyModelArgs, model_spec
 from pretrain.parallel import DistInfo, Engine, barrier, first_failure, side_group
-from pretrain.checkpoint.safe_load import refusal
+from pretrain.resilience.atomic_dir import publish, temporary_path, temporary_sibling
+from pretrain.resilience.faults import FaultInjector
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class CheckpointManager:
         manifest = {"format_version": FORMAT_VERSION, "step": step, "tokens_seen": state.get("tokens_seen"),
                     "engine": engine.checkpoint_format, "world_size": self.dist.world_size,
                     "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest()}
-        failure = None
+        failure: OSError | CheckpointException | None = None
         try:
             if self.dist.is_main:
                 temporary_sibling(final)
@@ -228,7 +228,7 @@ class CheckpointManager:
         kept = set(complete[-self.cfg.keep_last:]) | {keep}
         every = self.cfg.keep_every
         for path in complete:
-            if path in kept or (every and read_manifest(path)["step"] % every == 0):
+            if path in kept or (every and cast(dict, read_manifest(path))["step"] % every == 0):  # complete: has one
                 continue
             (path / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
@@ -355,7 +355,7 @@ def recover_interrupted_writes(root: Path) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
+    state: dict[str, torch.Tensor | list[torch.Tensor]] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -69,7 +69,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
 
 
-def read_dcp_metadata(directory: str | Path) -> Metadata:
+def read_dcp_metadata(directory: str | os.PathLike[str]) -> Metadata:
     """The Metadata of the DCP checkpoint in `directory`, read with the restricted unpickler; a
     damaged or unsafe file raises CorruptCheckpoint naming the file and the refused global."""
     path = Path(directory) / ".metadata"
@@ -97,6 +97,7 @@ class SafeFileSystemReader(FileSystemReader):
         metadata = read_dcp_metadata(self.path)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
+        assert metadata.storage_meta is not None  # set just above
         metadata.storage_meta.load_id = self.load_id
         return metadata
 

@@ -82,6 +82,7 @@ def validate(cfg: Config, world_size: int = 1, source: str | None = None) -> Con
         sequences = train.global_batch_sequences or train.micro_batch_size * dp_size
         train = dataclasses.replace(train, global_batch_tokens=sequences * cfg.data.seq_len,
                                     global_batch_sequences=None)
+    assert train.global_batch_tokens is not None  # filled in just above
     sequences = train.global_batch_tokens // cfg.data.seq_len
     if cfg.data.lanes is not None and (cfg.data.lanes <= 0 or cfg.data.lanes % sequences):
         raise ConfigError([f"data.lanes={cfg.data.lanes} must be a positive multiple of the global batch of "
@@ -133,7 +134,7 @@ def _check_data(d: DataConfig) -> list[str]:
             problems.append(f"{key}.max_epochs={src.max_epochs} must be >= 1 (or null for no limit)")
         prepared = d.prepared_source_dir(src.name)
         # a source read from prepared shards needs no raw files here (they may live elsewhere)
-        has_shards = bool(prepared) and os.path.isfile(os.path.join(prepared, PREPARED_MANIFEST))
+        has_shards = bool(prepared and os.path.isfile(os.path.join(prepared, PREPARED_MANIFEST)))
         problems += _check_source_path(src, f"{key}.path", check_files=not has_shards)
     return problems
 

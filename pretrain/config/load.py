@@ -4,6 +4,7 @@ rules of pretrain/config/checks.py, every problem reported at once before any co
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -14,7 +15,7 @@ from pretrain.errors import ConfigError, PretrainError
 from pretrain.parallel.launch_env import launch_env
 
 
-def load_config(path: str | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+def load_config(path: str | None, overrides: Sequence[str] = (), world_size: int | None = None) -> Config:
     """Read a YAML file, apply `--section.key=value` overrides, type-check and validate.
 
     Raises ConfigError listing every problem found."""
@@ -55,6 +56,7 @@ def grad_accum_steps(cfg: Config, dp_size: int) -> int:
     """Micro-batches per data-parallel rank per optimizer step, for `dp_size` such ranks
     (ParallelDims.dp_size; exact: validate() checked divisibility)."""
     per_micro_step = cfg.train.micro_batch_size * cfg.data.seq_len * dp_size
+    assert cfg.train.global_batch_tokens is not None  # filled in by validate()
     return cfg.train.global_batch_tokens // per_micro_step
 
 

@@ -12,7 +12,7 @@ import reprlib
 import types
 import typing
 from dataclasses import MISSING, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -167,7 +167,7 @@ def convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if tagged_members(tp):
             return _build_tagged(tagged_members(tp), value, key, problems)
         return convert(value, inner[0], key, problems)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, key, problems)
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in args):  # True == 1, but not a zero_stage
@@ -201,7 +201,7 @@ def tagged_members(tp: Any) -> dict[str, type]:
     members = typing.get_args(tp)
     if not all(dataclasses.is_dataclass(m) and "name" in {f.name for f in dataclasses.fields(m)} for m in members):
         return {}
-    return {next(f.default for f in dataclasses.fields(m) if f.name == "name"): m for m in members}
+    return {cast(str, next(f.default for f in dataclasses.fields(m) if f.name == "name")): m for m in members}
 
 
 def _build_tagged(members: dict[str, type], data: Any, key: str, problems: list[str]) -> Any:
@@ -292,7 +292,7 @@ def reference(root: type) -> str:
         for f in dataclasses.fields(cls):
             key = f"{prefix}{yaml_key(f)}"
             tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 lines.append(f"\n  [{key}] {f.metadata.get('help', '')}")
                 walk(tp, key + ".")
                 continue
@@ -301,7 +301,7 @@ def reference(root: type) -> str:
                 continue
             if f.name in skip:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             lines.append(f"  --{key}={_inline_yaml(to_dict(default))}  ({type_name(tp)})  {f.metadata.get('help', '')}")
 
     def walk_tagged(members: dict[str, type], key: str, help: str) -> None:

@@ -77,13 +77,15 @@ class TrainData:
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
         self.sources = sources if sources is not None else open_sources(data)
         self.names = [s.name for s in self.sources]
+        assert train.global_batch_tokens is not None  # filled in by validate()
         global_batch = train.global_batch_tokens // data.seq_len
         self.plan = StreamPlan(n_lanes=data.lanes or default_lanes(global_batch), global_batch=global_batch,
                                seq_len=data.seq_len, seed=train.seed)
         self.mixture = Mixture([s.weight for s in data.sources], train.seed)
-        self.num_workers = data.num_workers
-        if self.num_workers is None:  # on a CPU the training step already uses every core
-            self.num_workers = 2 if torch.cuda.is_available() and train.device != "cpu" else 0
+        num_workers = data.num_workers
+        if num_workers is None:  # on a CPU the training step already uses every core
+            num_workers = 2 if torch.cuda.is_available() and train.device != "cpu" else 0
+        self.num_workers = num_workers
         self.skipped = np.zeros(len(self.sources), dtype=np.int64)
         self.indexed: dict[int, IndexedSource] = {}
         self.streamed: dict[int, TextSource] = {}
@@ -135,6 +137,7 @@ class TrainData:
         """This rank's micro-batches of the next global batch, in order."""
         if self._pieces is None:
             self._start()
+        assert self._pieces is not None  # set by _start()
         plan, seq_len = self.plan, self.plan.seq_len
         tokens = np.empty((plan.global_batch // self.dp_size, seq_len + 1), dtype=np.int64)
         first = plan.first_lane(self.step)

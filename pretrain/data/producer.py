@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, cast
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -12,6 +12,10 @@ from pretrain.data.sources import RecordErrors, TextSource
 from pretrain.data.stream import ChunkOrder, IndexedSource, LaneSource, Mixture, StreamPlan
 from pretrain.errors import PretrainError
 from tokenizer import Tokenizer
+
+# StepProducer's arguments between `lanes` and `num_threads`
+ProducerArgs = tuple[StreamPlan, Mixture, dict[int, TextSource], dict[int, IndexedSource], DataConfig, Tokenizer,
+                     dict[int, dict[int, tuple[int, int]]], np.ndarray]
 
 
 class StepProducer:
@@ -32,7 +36,8 @@ class StepProducer:
         orders = {i: ChunkOrder(src.n_chunks, plan.n_lanes, plan.seed, src.name) for i, src in streamed.items()}
         self.readers = {
             lane: {i: LaneSource(src, orders[i], lane, plan.n_lanes, plan.seq_len, tokenizer, self.errors[i],
-                                 data.sources[i].max_epochs, tuple(cursors[lane][i]), num_threads)
+                                 data.sources[i].max_epochs, cast("tuple[int, int]", tuple(cursors[lane][i])),
+                                 num_threads)
                    for i, src in streamed.items()}
             for lane in lanes
         }
@@ -72,7 +77,7 @@ class StepPieces(IterableDataset):
     """Each DataLoader worker produces its lanes' share of every global batch from `start_step`
     on. A data error travels as an item, so the trainer reports it without a worker traceback."""
 
-    def __init__(self, worker_lanes: list[list[int]], start_step: int, producer_args: tuple):
+    def __init__(self, worker_lanes: list[list[int]], start_step: int, producer_args: ProducerArgs):
         self.worker_lanes, self.start_step, self.producer_args = worker_lanes, start_step, producer_args
 
     def __iter__(self) -> Iterator[dict]:

@@ -24,8 +24,8 @@ from typing import Callable
 from pretrain.config.schema import Config
 from pretrain.errors import ConfigError
 from pretrain.evaluation.validation import append_record
-from pretrain.resilience.preemption import ignore_interrupts
 from pretrain.observability.tracking import flatten
+from pretrain.resilience.preemption import ignore_interrupts
 
 log = logging.getLogger("pretrain")
 
@@ -112,6 +112,7 @@ class HookRunner:
             log.error("eval hook %s failed on the checkpoint of step %d (training goes on):\n%s", spec, step, error)
             append_record(Path(self.cfg.out_dir), {"step": step, "hook": spec, "error": error}, f"{name}.jsonl")
             return
+        assert metrics is not None  # what the hook returned, as it did not fail
         append_record(Path(self.cfg.out_dir), {"step": step, **metrics}, f"{name}.jsonl")
         numbers = flatten(metrics, f"eval/{name}/")
         if numbers:

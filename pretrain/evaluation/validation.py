@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ def validation_metrics(model: torch.nn.Module, val_sets: dict[str, list], token_
     return record
 
 
-def evaluate_checkpoint(checkpoint: str | Path, overrides: list[str] = ()) -> dict:
+def evaluate_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = ()) -> dict:
     """The validation record of a checkpoint of any backend and world size, on one process: the
     same held-out sequences as the training run's in-loop evaluation, so the same numbers."""
     from pretrain.config.load import load_config
@@ -120,7 +120,7 @@ def append_record(out_dir: Path, record: dict, name: str = VALIDATION_FILE) -> N
         f.flush()
 
 
-def watch(out_dir: str | Path, overrides: list[str] = (), interval_s: float = 60.0, once: bool = False,
+def watch(out_dir: str | Path, overrides: Sequence[str] = (), interval_s: float = 60.0, once: bool = False,
           on_record: Callable[[dict], None] | None = None, stop_after_step: int | None = None) -> list[dict]:
     """Evaluate every complete checkpoint of a training run's out_dir that has no record yet,
     oldest first, then wait for new ones (until the run's last step has been evaluated, or at

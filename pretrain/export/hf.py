@@ -71,6 +71,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 
         hf_tensors = ((to_hf_name(n, adapter), to_hf_tensor(n, t, adapter))
                       for n, t in iter_checkpoint_weights(ckpt_dir) if n in shapes)
         write_safetensors(hf_tensors, sizes, tmp, max_shard_bytes, progress)
+        assert args.max_seq_len is not None  # a checkpoint's config has it derived
         write_tokenizer(sp_model, tmp, args.max_seq_len)
         progress("tokenizer: AutoTokenizer gives the run's token ids")
         if parity:

@@ -75,6 +75,6 @@ def check_tokenizer(out_dir: Path, ours: Tokenizer) -> None:
                                 "model differently: please report it with both versions")
     special = {"bos": (hf.bos_token_id, ours.bos_id), "eos": (hf.eos_token_id, ours.eos_id),
                "pad": (hf.pad_token_id, ours.pad_id), "unk": (hf.unk_token_id, ours.unk_id)}
-    for what, (got, expected) in special.items():
-        if got != expected:
-            raise PretrainError(f"{out_dir}: the exported tokenizer's {what} id is {got}, the run's is {expected}")
+    for what, (got_id, expected_id) in special.items():
+        if got_id != expected_id:
+            raise PretrainError(f"{out_dir}: the exported tokenizer's {what} id is {got_id}, the run's is {expected_id}")

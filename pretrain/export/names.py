@@ -27,10 +27,10 @@ def strip_wrappers(name: str) -> str:
     for prefix in BLOCK_WRAPPERS:
         name = name.replace("." + prefix, ".")
     while True:
-        prefix = next((p for p in MODEL_WRAPPERS + BLOCK_WRAPPERS if name.startswith(p)), None)
-        if prefix is None:
+        wrapper = next((p for p in MODEL_WRAPPERS + BLOCK_WRAPPERS if name.startswith(p)), None)
+        if wrapper is None:
             return name
-        name = name[len(prefix):]
+        name = name[len(wrapper):]
 
 
 def to_hf_name(name: str, adapter: HFAdapter = _LLAMA) -> str:

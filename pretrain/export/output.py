@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from pretrain.resilience.atomic_dir import publish, temporary_sibling
 from pretrain.errors import PretrainError
+from pretrain.resilience.atomic_dir import publish, temporary_sibling
 
 
 def check_output_dir(out_dir: Path, ckpt_dir: Path, force: bool) -> None:

@@ -27,13 +27,14 @@ def build_model(args: AnyModelArgs, weights: dict[str, torch.Tensor]) -> nn.Modu
         model = model_spec(args).build(args)
     # to_empty unties a tied head; both names are loaded with the same values, so the logits agree.
     model.to_empty(device="cpu")
-    model.init_buffers()
+    model.init_buffers()  # type: ignore[operator]  # every family's model has it (ModelSpec.build)
     model.load_state_dict(weights, strict=True)
     return model.eval()
 
 
 def parity_tokens(args: AnyModelArgs) -> torch.Tensor:
     generator = torch.Generator().manual_seed(SEED)
+    assert args.max_seq_len is not None  # a checkpoint's config has it derived
     return torch.randint(0, args.vocab_size, (BATCH, min(SEQ, args.max_seq_len)), generator=generator)
 
 

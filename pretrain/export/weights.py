@@ -78,7 +78,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _groups(names: list[str], shapes: Mapping[str, torch.Size], max_bytes: int) -> Iterator[list[str]]:
-    group, size = [], 0
+    group: list[str] = []
+    size = 0
     for name in names:
         nbytes = shapes[name].numel() * 4
         if group and size + nbytes > max_bytes:

@@ -115,7 +115,8 @@ def _memory_knobs(cfg: Config, world_size: int) -> list[list[Setting]]:
     p, micro_batch = cfg.parallel, cfg.train.micro_batch_size
     tokens = cfg.train.global_batch_tokens
     per_rank = tokens // cfg.data.seq_len // world_size if tokens else micro_batch
-    micro = [(("train.micro_batch_size", m),) for m in range(micro_batch - 1, 0, -1) if per_rank % m == 0]
+    micro: list[Setting] = [(("train.micro_batch_size", m),) for m in range(micro_batch - 1, 0, -1)
+                            if per_rank % m == 0]
     checkpointing = {"none": ["selective", "full"], "selective": ["full"], "full": []}[p.activation_checkpointing]
     sharding: list[Setting] = []
     if p.backend in ("none", "ddp"):
@@ -124,7 +125,8 @@ def _memory_knobs(cfg: Config, world_size: int) -> list[list[Setting]]:
         sharding = [(("parallel.replicate", 1), ("parallel.shard", None))]
     elif p.backend == "deepspeed":
         sharding = [(("parallel.zero_stage", stage),) for stage in range(p.zero_stage + 1, 4)]
-    knobs = [micro, [(("parallel.activation_checkpointing", ac),) for ac in checkpointing], sharding]
+    knobs: list[list[Setting]] = [micro, [(("parallel.activation_checkpointing", ac),) for ac in checkpointing],
+                                  sharding]
     return [settings for settings in knobs if settings]
 
 

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint.layout import complete_checkpoints
-from pretrain.config.schema import Config
 from pretrain.config.load import load_config
+from pretrain.config.schema import Config
 from pretrain.errors import PretrainError
 from pretrain.hardware.devices import measure_matmul_flops, peak_flops, resolve_precision
 from pretrain.hardware.memory_advice import device_memory_bytes, memory_advice, memory_estimate, memory_text
@@ -285,6 +285,7 @@ def format_report(report: PreflightReport) -> list[str]:
     rows = [("ranks", f"{len(r.ranks)} of {report.world_size} answered on {len(hosts)} host(s): {shown} "
                       + f"({report.device}, {report.precision})")]
     if r.algbw:
+        assert r.busbw is not None  # set whenever algbw is
         rows.append(("all-reduce", f"{r.allreduce_bytes / MIB:.0f} MiB: algbw {r.algbw / 1e9:.2f} GB/s, busbw "
                                    + f"{r.busbw / 1e9:.2f} GB/s"))
     if report.matmul_flops:

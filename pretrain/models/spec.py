@@ -5,7 +5,7 @@ config's `model.name` (registry.py) and never import a family's module class."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from torch import nn
 
@@ -47,5 +47,5 @@ class ModelSpec:
     # Keys a resume may change: they shape no trained tensor and no computation up to the length
     # trained on, or act only at initialisation.
     free_on_resume: tuple[str, ...] = ()
-    blocks: Callable[[nn.Module], nn.ModuleList] = lambda model: model.layers  # the units AC, compile and FSDP wrap
-    output_head: Callable[[nn.Module], nn.Module] = lambda model: model.output  # holds the fused loss (compiled)
+    blocks: Callable[[nn.Module], nn.ModuleList] = lambda model: cast(nn.ModuleList, model.layers)  # what AC, compile and FSDP wrap
+    output_head: Callable[[nn.Module], nn.Module] = lambda model: cast(nn.Module, model.output)  # holds the fused loss

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -17,6 +19,10 @@ class Transformer(nn.Module):
 
     Build it under `torch.device("meta")` for large models, then `to_empty(device=...)` and
     `init_weights()`: every tensor, the rotary tables included, is (re)filled there."""
+
+    rope_cos: torch.Tensor  # buffers, declared for the type checker (nn.Module's attributes are untyped)
+    rope_sin: torch.Tensor
+    layers: nn.ModuleList
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -36,6 +42,7 @@ class Transformer(nn.Module):
     def init_buffers(self) -> None:
         """Fill the rotary tables, the only tensors that a state dict does not hold."""
         args = self.args
+        assert args.max_seq_len is not None  # validate() derives it from data.seq_len
         with torch.no_grad():
             cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
             self.rope_cos.copy_(cos)
@@ -47,7 +54,7 @@ class Transformer(nn.Module):
         self.init_buffers()
         with torch.no_grad():
             init_normal(self.tok_embeddings.weight, args.init_std)
-            for layer in self.layers:
+            for layer in cast("list[TransformerBlock]", self.layers):  # ModuleList's items are typed Module
                 layer.init_weights(args)
             self.norm.reset_parameters()
             if not args.tie_embeddings:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel.activation import apply_activation_checkpointing
 from pretrain.parallel.compile import apply_compile, compile_decision
 from pretrain.parallel.ddp import apply_ddp
+from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.distributed import (
     DistInfo,
     any_rank,
@@ -36,10 +38,14 @@ from pretrain.parallel.distributed import (
     side_group,
     sum_over_ranks,
 )
-from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.engine import Engine, TorchEngine, model_shapes
 from pretrain.parallel.fsdp import apply_fsdp
 from pretrain.parallel.launch_env import LaunchEnv, launch_env
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import ValueType
+
+    from pretrain.models.transformer import OutputHead
 
 __all__ = ["DistInfo", "Engine", "LaunchEnv", "ParallelDims", "any_rank", "barrier", "build_engine",
            "collective_failures_named", "destroy_process_group", "dist_info_from_env", "exit_process",
@@ -63,17 +69,19 @@ def build_engine(model: nn.Module, cfg: Config, dist: DistInfo, dims: ParallelDi
     if dist.is_main:
         log.info("compile %s (%s)", "on" if compile_blocks else "off", why)
     if compile_blocks:
-        apply_compile(spec.blocks(model), spec.output_head(model))
+        apply_compile(spec.blocks(model), cast("OutputHead", spec.output_head(model)))  # ModelSpec: an OutputHead
     if p.backend == "fsdp":
         apply_fsdp(model, spec.blocks(model), dims.fsdp_mesh, bf16, p.reshard_after_forward, p.cpu_offload)
     materialize(model, dist.device, cfg.train.seed)
     if initial_weights is not None:  # before DeepSpeed copies the weights into its own buffers
+        assert cfg.checkpoint.init_from is not None  # the weights are those of checkpoint.init_from
         load_full_weights(model, initial_weights, cfg.checkpoint.init_from)
     if p.backend == "deepspeed":
         from pretrain.parallel.deepspeed_engine import DeepSpeedEngine  # imports deepspeed: slow, only when used
 
         # DeepSpeed builds its optimizer (DeepSpeedCPUAdam when offloaded); the schedule drives it
-        return DeepSpeedEngine(model, cfg, dims.dp_size, dist.device, bf16, schedule)
+        # It lacks Engine.save_async (DCP engines only): validate() refuses checkpoint.async with DeepSpeed.
+        return DeepSpeedEngine(model, cfg, dims.dp_size, dist.device, bf16, schedule)  # type: ignore[return-value]
     optimizer = build_optimizer(model, cfg.optim, dist.device)
     if p.backend == "ddp":
         model = apply_ddp(model, dist.device, dims.dp_group)
@@ -96,14 +104,14 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
             setattr(module, name, getattr(owner, owner_name))
     torch.manual_seed(seed)
     with torch.no_grad(), implicit_replication():
-        model.init_weights()
+        model.init_weights()  # type: ignore[operator]  # ModelSpec's method; nn.Module.__getattr__ says Tensor | Module
 
 
 def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Copy a full state dict into `model`, plain or FSDP-sharded (each rank keeps its slice);
     a parameter whose shape differs is named in the error."""
     check_shapes(model_shapes(model), weights, source)
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, cast("dict[str, ValueType]", weights), options=StateDictOptions(full_state_dict=True))
 
 
 def shared_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from torch import nn
 from pretrain.config.schema import Config
 from pretrain.hardware.devices import measure_matmul_flops
 from pretrain.models import flops_per_token
+
+if TYPE_CHECKING:
+    from pretrain.models.transformer import OutputHead
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +27,7 @@ AUTO_COMPILE_MIN_SECONDS = 600.0
 CPU_FLOPS_UPPER_BOUND = 2e14  # above any CPU socket's matmul rate (AMX bf16 included)
 
 
-def apply_compile(blocks: nn.ModuleList, head: nn.Module) -> None:
+def apply_compile(blocks: nn.ModuleList, head: OutputHead) -> None:
     """Compile each transformer block, and the loss's per-chunk kernel of the output `head` (an
     OutputHead; about 2% of a step)."""
     for layer in blocks:
@@ -54,6 +58,7 @@ def compile_decision(cfg: Config, device: torch.device, precision: str, world_si
         return False, f"train.compile=auto: {missing}"
     if device.type == "cuda":
         return True, "train.compile=auto on a GPU"
+    assert cfg.train.global_batch_tokens is not None  # filled in by validate()
     rank_flops = (cfg.train.max_steps * flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch_tokens
                   / world_size)
     seconds = rank_flops / CPU_FLOPS_UPPER_BOUND  # short even on the fastest CPU: no need to measure

@@ -23,16 +23,16 @@ from deepspeed.checkpoint.constants import (
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from pretrain.resilience.atomic_dir import publish, temporary_sibling
 from pretrain.checkpoint.layout import DEEPSPEED_DIR, check_shapes, read_manifest
-from pretrain.config.schema import Config
+from pretrain.checkpoint.safe_load import weights_only_loads
 from pretrain.config.load import grad_accum_steps
+from pretrain.config.schema import Config
 from pretrain.errors import PretrainError
 from pretrain.observability.log_setup import output_captured
 from pretrain.optim import build_optimizer, parameter_groups
 from pretrain.parallel.distributed import barrier
 from pretrain.parallel.engine import WrapFile
-from pretrain.checkpoint.safe_load import weights_only_loads
+from pretrain.resilience.atomic_dir import publish, temporary_sibling
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def deepspeed_config(cfg: Config, dp_size: int, bf16: bool, on_gpu: bool) -> dic
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if p.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    assert cfg.train.global_batch_tokens is not None  # filled in by validate()
     generated = {
         "train_batch_size": cfg.train.global_batch_tokens // cfg.data.seq_len,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -298,6 +299,7 @@ class _RecordedWrites:
             return
 
         def wrapped() -> None:
+            assert self.wrap_file is not None  # checked above
             with open(path, "wb") as file:
                 self.inner.save(state_dict, self.wrap_file(file))  # torch.save takes a file object too
 

@@ -11,9 +11,9 @@ import re
 import socket
 import sys
 from collections.abc import Iterator
-from typing import NoReturn
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -66,7 +66,7 @@ def init_process_group(info: DistInfo, timeout_s: float, always: bool = False) -
     Every collective then fails after `timeout_s` instead of hanging forever."""
     if dist.is_initialized() or (info.world_size == 1 and not always):
         return False
-    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)}
+    kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
     env = launch_env()
     if info.single_host:
         bind_to_loopback()

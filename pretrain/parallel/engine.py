@@ -12,7 +12,7 @@ import os
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Protocol
+from typing import BinaryIO, Callable, Iterator, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -80,7 +80,7 @@ class TorchEngine:
         """Clip the global gradient norm (0 = no clipping), step unless approve(norm) is False,
         clear gradients; return the norm before clipping."""
         parameters = [p for p in self.model.parameters() if p.grad is not None]
-        total = nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
+        total = nn.utils.get_total_norm(cast("list[torch.Tensor]", [p.grad for p in parameters]), foreach=True)
         # FSDP: the norm over all shards, replicated on every rank
         norm = total.full_tensor() if isinstance(total, DTensor) else total
         if approve is None or approve(norm):
@@ -102,8 +102,9 @@ class TorchEngine:
         """Copy this rank's state to CPU memory now, write it in a background thread whose
         collectives run on `group` (not the training loop's); the future completes on every rank
         once the checkpoint's metadata is written, i.e. all ranks' shards are on disk."""
-        return dcp.async_save(self._state(), checkpoint_id=str(path), storage_writer=_writer(path, wrap_file),
-                              process_group=group)
+        # A Future: DCP returns an AsyncSaveResponse only when staging is asynchronous (ours blocks)
+        return cast(Future, dcp.async_save(self._state(), checkpoint_id=str(path),
+                                           storage_writer=_writer(path, wrap_file), process_group=group))
 
     def _state(self) -> dict:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
@@ -118,7 +119,8 @@ class TorchEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on rank 0's CPU; other ranks get {} (a collective under FSDP)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {k: v.detach().cpu() for k, v in get_model_state_dict(self.model, options=options).items()}
+        state = cast("dict[str, torch.Tensor]", get_model_state_dict(self.model, options=options))  # model: tensors
+        return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def _writer(path: Path, wrap_file: WrapFile | None) -> FileSystemWriter:
@@ -144,4 +146,5 @@ class _WrappingFileSystem(FileSystem):
 
 def model_shapes(model: nn.Module) -> dict[str, torch.Size]:
     """Full (unsharded) shape of every state-dict entry by the model's own names, whatever wraps it."""
-    return {name: value.shape for name, value in get_model_state_dict(model).items()}
+    state = cast("dict[str, torch.Tensor]", get_model_state_dict(model))  # a model's state dict holds tensors
+    return {name: value.shape for name, value in state.items()}

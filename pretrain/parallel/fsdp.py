@@ -5,6 +5,7 @@ across nodes)."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,12 +34,13 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleList, mesh: DeviceMesh, bf16: 
         offload = OffloadPolicy()
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    settings = {"mesh": mesh, "mp_policy": mixed, "offload_policy": offload}
+    settings: dict[str, Any] = {"mesh": mesh, "mp_policy": mixed, "offload_policy": offload}
     layers = list(blocks)
     for i, layer in enumerate(layers):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **settings)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **settings)
+    assert mesh.mesh_dim_names is not None  # ParallelDims names every dim
     # The mesh's dims (ParallelDims.fsdp_mesh) named as the keys that set them: parallel.replicate, parallel.shard
     shape = {name.removeprefix("dp_"): size for name, size in zip(mesh.mesh_dim_names, mesh.shape)}
     log.info("FSDP2 over mesh %s: %d blocks + root, %s, reshard_after_forward=%s%s", shape, len(layers),

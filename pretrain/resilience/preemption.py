@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class StopSignals:
     def __init__(self, announce: bool = True) -> None:
         self.requested: str | None = None
         self.announce = announce  # one rank says it; every rank acts on it
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None] = {}
 
     @property
     def interrupted(self) -> bool:

@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from pretrain.errors import PretrainError
 
@@ -237,7 +237,7 @@ def lock_out_dir(out_dir: str | Path, is_main: bool, any_rank: Callable[[bool], 
     return lock
 
 
-def current_job_id(environ: dict[str, str] | None = None) -> str | None:
+def current_job_id(environ: Mapping[str, str] | None = None) -> str | None:
     """`VARIABLE=value` of the first of JOB_ID_VARIABLES that is set, None if none is."""
     environ = os.environ if environ is None else environ
     for name in JOB_ID_VARIABLES:

@@ -57,6 +57,7 @@ class StepGuard:
         return verdict
 
     def _spike(self, loss: float) -> Verdict:
+        assert self.recent.maxlen is not None  # built with maxlen=cfg.spike_window
         if len(self.recent) < min(MIN_HISTORY, self.recent.maxlen):
             return OK
         mean = sum(self.recent) / len(self.recent)

@@ -50,7 +50,8 @@ class HangWatchdog:
             return
         self._last, self.activity = time.monotonic(), activity
         # The backstop fires a minute after the watchdog thread should have.
-        faulthandler.dump_traceback_later(self.timeout_s + 60, exit=True, file=sys.__stderr__)
+        faulthandler.dump_traceback_later(self.timeout_s + 60, exit=True,
+                                          file=sys.__stderr__)  # type: ignore[arg-type]  # None = sys.stderr
 
     def _watch(self) -> None:
         while not self._stop.wait(min(self.timeout_s / 4, 10.0)):
@@ -69,6 +70,7 @@ class HangWatchdog:
         header = f"--- rank {self.rank}: Python stacks after {waited:.0f}s in {self.activity} ---\n"
         # The process's real stderr: sys.stderr may be replaced by an object without a file
         # descriptor (wandb's console capture, pytest's).
+        assert sys.__stderr__ is not None  # None only for a process started without one
         stderr = sys.__stderr__.fileno()
         try:
             with tempfile.TemporaryFile() as dump:

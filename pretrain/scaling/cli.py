@@ -130,8 +130,14 @@ def run_presets(args: argparse.Namespace, extra: list[str]) -> int:
 def run_plan(args: argparse.Namespace, extra: list[str]) -> int:
     from pretrain.config.load import load_config
     from pretrain.config.parse import load_yaml_text
-    from pretrain.scaling.plan_output import (check_writable, format_plan, out_dir_note, plan_json, plan_out_dir,
-                                              write_plan_config)
+    from pretrain.scaling.plan_output import (
+        check_writable,
+        format_plan,
+        out_dir_note,
+        plan_json,
+        plan_out_dir,
+        write_plan_config,
+    )
     from pretrain.scaling.planner import PlanRequest, make_plan
 
     if args.write:
@@ -158,6 +164,7 @@ def run_plan(args: argparse.Namespace, extra: list[str]) -> int:
         print(format_plan(plan))
     if args.write:
         command = "pretrain plan " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        assert out_dir is not None  # plan_out_dir gave one for --write
         path = write_plan_config(plan, args.write, base_yaml, command, force=args.force, out_dir=out_dir)
         print(f"wrote {path}; {out_dir_note(out_dir, base_yaml)}; check it in seconds on a CPU with the smoke-test "
               "command at its top", file=sys.stderr)

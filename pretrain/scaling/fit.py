@@ -16,9 +16,9 @@ Typical use: train an IsoFLOP grid (a few models per FLOP budget), then
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +27,9 @@ import numpy as np
 import yaml
 from scipy.optimize import minimize
 
-from pretrain.resilience.atomic_dir import write_file
 from pretrain.errors import PretrainError
 from pretrain.models import DEFAULT_MODEL, count_params, flops_per_token, model_spec
+from pretrain.resilience.atomic_dir import write_file
 from pretrain.scaling.laws import ScalingLaw
 
 CONSTANTS = ("E", "A", "B", "alpha", "beta")
@@ -211,7 +211,7 @@ class _FitData:
                 raise PretrainError(f"{name} must be positive and finite for a fit in log space; got {values.tolist()}")
         if huber_delta <= 0:
             raise PretrainError(f"huber_delta={huber_delta} must be positive (Hoffmann et al. use 1e-3)")
-        return _FitData(*arrays, huber_delta=huber_delta)
+        return _FitData(arrays[0], arrays[1], arrays[2], huber_delta=huber_delta)
 
     def resample(self, chosen: np.ndarray) -> _FitData:
         return _FitData(self.n_params[chosen], self.tokens[chosen], self.losses[chosen], self.huber_delta)

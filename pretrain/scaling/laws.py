@@ -26,8 +26,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pretrain.resilience.atomic_dir import write_file
 from pretrain.errors import PretrainError
+from pretrain.resilience.atomic_dir import write_file
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.resilience.atomic_dir import write_file
-from pretrain.config.schema import Config
 from pretrain.config.load import load_config
+from pretrain.config.schema import Config
 from pretrain.errors import PretrainError
+from pretrain.resilience.atomic_dir import write_file
 from pretrain.scaling.memory import GIB
 from pretrain.scaling.planner import Plan, count, duration
 from pretrain.scaling.shapes import shape_summary
@@ -30,7 +30,7 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
         ("budget", plan.budget_note),
         ("law", f"{plan.law.name} ({plan.law.source})"),
         ("shape", f"{shape_summary(shape)} vocab {shape.vocab_size}, seq {plan.seq_len}"),
-        ("parameters", count(plan.params) + (f" CAPPED: {plan.cap_ratio:.1f}x below the {count(plan.target_params)} "
+        ("parameters", count(plan.params) + (f" CAPPED: {plan.cap_ratio:.1f}x below the {count(plan.target_params or 0)} "
                                               "asked for (see the warning below)" if plan.capped else "")),
         *([("requested", plan.rounding)] if plan.rounding else []),
         ("tokens", f"{count(plan.tokens)} ({plan.tokens / plan.params:.1f} per parameter)"),
@@ -160,7 +160,7 @@ def out_dir_note(out_dir: str, base: dict | None) -> str:
     note = f"out_dir {out_dir}: the plan's own run directory"
     if base_dir:
         note += f", not the base config's {base_dir}, whose checkpoints training the plan would resume from"
-        if not (base.get("tokenizer") or {}).get("path"):
+        if not ((base or {}).get("tokenizer") or {}).get("path"):
             note += (f"; it trains its own tokenizer there unless you set tokenizer.path (e.g. to "
                      f"{Path(base_dir) / 'tokenizer.model'}, the base run's)")
     return note

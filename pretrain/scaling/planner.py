@@ -132,7 +132,7 @@ class Plan:
     @property
     def cap_ratio(self) -> float:
         """How many times fewer parameters than asked for the plan has (1.0 when not capped)."""
-        return self.target_params / self.params if self.capped else 1.0
+        return self.target_params / self.params if self.capped and self.target_params else 1.0
 
     @property
     def micro_batch(self) -> int:
@@ -155,6 +155,7 @@ def make_plan(request: PlanRequest) -> Plan:
         raise PretrainError(f"--mfu {r.mfu} must be in (0, 1]; 0.35-0.5 is typical for dense bf16 training")
     budget = r.flops
     if hardware_budget:
+        assert r.gpus is not None and r.days is not None  # checked above
         budget = r.gpus * gpu.bf16_flops * r.mfu * r.days * 86400
     if budget is None and r.params is None and r.tokens is None:
         raise PretrainError("nothing to plan from: give a budget (--flops, or --gpus/--gpu/--days), "
@@ -267,6 +268,7 @@ def _target_size(r: PlanRequest, law: ScalingLaw, budget: float | None) -> tuple
         return budget / (6 * r.tokens), "token count given, size from the budget", "budget's"
     if r.tokens is not None:
         return law.optimal_params(r.tokens), "compute-optimal size for the token count", "compute-optimal"
+    assert budget is not None  # make_plan refuses a request with neither budget, size nor tokens
     if r.inference_tokens > 0:
         n_target, _ = inference_aware(law, budget, r.inference_tokens)
         note = f"inference-aware for {r.inference_tokens:.3g} inference tokens (Sardana & Frankle 2023)"

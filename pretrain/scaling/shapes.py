@@ -102,4 +102,5 @@ def nearby_shapes(args: ModelArgs, k: int = 2) -> list[ModelArgs]:
     """The family's shapes up to `k` widths narrower and wider than `args` (itself included)."""
     ds = widths()
     i = ds.index(args.d_model)
+    assert args.max_seq_len is not None  # the planner's shapes are built with it
     return [shape_for_width(d, args.vocab_size, args.max_seq_len) for d in ds[max(0, i - k):i + k + 1]]

@@ -14,11 +14,12 @@ import json
 import logging
 import math
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.config.schema import Config
 from pretrain.config.load import load_config
+from pretrain.config.schema import Config
 from pretrain.errors import PretrainError
 from pretrain.models import ModelArgs, count_params, flops_per_token
 from pretrain.scaling.shapes import shape_for_params, shape_for_width, widths
@@ -42,7 +43,7 @@ class SweepRun:
         return count_params(self.shape)
 
 
-def plan_sweep(cfg: Config, budgets: list[float], sizes: int, sweep_dir: str, shared_overrides: list[str] = ()
+def plan_sweep(cfg: Config, budgets: list[float], sizes: int, sweep_dir: str, shared_overrides: Sequence[str] = ()
                ) -> tuple[list[SweepRun], list[str]]:
     """The runs of the grid (and notes on budgets or sizes left out): `sizes` shapes per budget.
     Each run's overrides start with `shared_overrides` (the sweep's own overrides of the config)."""
@@ -52,12 +53,13 @@ def plan_sweep(cfg: Config, budgets: list[float], sizes: int, sweep_dir: str, sh
         raise PretrainError(f"the sweep trains the Llama shapes of scaling/shapes.py, but the config has model.name="
                             f"{cfg.model.name}; sweep a config with model.name: llama")
     vocab, seq_len, batch = cfg.model.vocab_size, cfg.data.seq_len, cfg.train.global_batch_tokens
+    assert batch is not None  # validate() derives it
     runs, notes = [], []
     low_ratio, high_ratio = TOKENS_PER_PARAM_RANGE
     for budget in sorted(budgets):
         smallest, largest = math.sqrt(budget / (6 * high_ratio)), math.sqrt(budget / (6 * low_ratio))
         targets = [smallest * (largest / smallest) ** (i / (sizes - 1)) for i in range(sizes)]
-        shapes = {}
+        shapes: dict[int, ModelArgs] = {}
         for target in targets:
             shape = shape_for_params(target, vocab, seq_len)
             shapes.setdefault(shape.d_model, shape)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.export.weights import load_weights
 from pretrain.checkpoint.safe_load import read_dcp_metadata
+from pretrain.export.weights import load_weights
 from tests.conftest import FSDP_TWO_RANKS, ZERO3_TIED_TWO_RANKS
 from tests.distributed.ranks import run_ranks
 from tests.distributed.runs import STEPS, losses, rank_train, train

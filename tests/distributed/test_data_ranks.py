@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tests.distributed.ranks import run_ranks
 from tests.conftest import MODES, rows_of, take, train_data
+from tests.distributed.ranks import run_ranks
 
 pytestmark = pytest.mark.slow
 

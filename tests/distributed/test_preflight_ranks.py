@@ -14,8 +14,8 @@ from unittest import mock
 import pytest
 
 from pretrain.config import Config
-from pretrain.parallel import dist_info_from_env
 from pretrain.hardware.preflight import check_ranks, run_preflight
+from pretrain.parallel import dist_info_from_env
 from tests.distributed.ranks import run_ranks
 
 pytestmark = pytest.mark.slow

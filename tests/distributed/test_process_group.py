@@ -10,7 +10,13 @@ import torch
 import torch.distributed as dist
 
 from pretrain.errors import PretrainError
-from pretrain.parallel import DistInfo, collective_failures_named, destroy_process_group, dist_info_from_env, init_process_group
+from pretrain.parallel import (
+    DistInfo,
+    collective_failures_named,
+    destroy_process_group,
+    dist_info_from_env,
+    init_process_group,
+)
 from tests.distributed.ranks import run_ranks
 
 pytestmark = pytest.mark.slow

@@ -17,10 +17,11 @@ import pytest
 import torch
 import transformers  # a test dependency (the `test` extra): never skipped
 
+from pretrain.checkpoint.layout import check_shapes
+from pretrain.checkpoint.safe_load import weights_only_loads
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.errors import PretrainError
-from pretrain.checkpoint.layout import check_shapes
 from pretrain.export import expected_shapes, load_weights
 from pretrain.export import hf as hf_module
 from pretrain.export.hf import export_hf
@@ -28,7 +29,6 @@ from pretrain.export.names import from_hf_name, strip_wrappers, to_hf_name
 from pretrain.export.parity import build_model
 from pretrain.export.shards import parse_size, plan_shards
 from pretrain.export.torch_format import export_torch
-from pretrain.checkpoint.safe_load import weights_only_loads
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
 from tests.distributed.ranks import run_ranks

@@ -12,8 +12,8 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.data import IGNORE_INDEX
-from pretrain.trainer import Trainer
 from pretrain.observability.tracking import WANDB_RUN_ID_FILE, flatten
+from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow

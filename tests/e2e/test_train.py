@@ -67,7 +67,7 @@ def test_gradient_accumulation_equals_one_large_micro_batch(tiny_config, tmp_pat
     assert norms_a == pytest.approx(norms_b, rel=1e-4)
     # Adam also magnifies rounding in near-zero gradients (rare tokens' embedding rows): atol 1e-4.
     for (name, a), b in zip(trainer_a.model.state_dict().items(), trainer_b.model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_stop_at_ends_like_a_preemption(tiny_config, tmp_path):

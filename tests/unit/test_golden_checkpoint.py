@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.checkpoint.layout import damage, read_manifest
+from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.config import CheckpointConfig
 from pretrain.export import load_weights
 from pretrain.export.readers import checkpoint_config

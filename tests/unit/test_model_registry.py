@@ -163,7 +163,7 @@ def test_matches_hugging_face_gpt2(tmp_path):
     args = dataclasses.replace(SMALL, init_std=0.3, norm_eps=1e-4)  # large weights: a wrong op shows
     model = build(args)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.ndim == 1:  # biases and norm gains away from their 0 and 1 init
                 param.add_(torch.randn_like(param) * 0.2)
     adapter = model_spec(args).hf

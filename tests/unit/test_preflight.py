@@ -18,12 +18,10 @@ import pytest
 import torch
 import yaml
 
-from pretrain.hardware import preflight
 from pretrain.config import Config
 from pretrain.errors import PretrainError
+from pretrain.hardware import preflight
 from pretrain.hardware.memory_advice import memory_estimate, memory_fixes, oom_message
-from pretrain.models import count_params
-from pretrain.parallel import DistInfo
 from pretrain.hardware.preflight import (
     CHECKPOINT_ALLOWANCE,
     RankInfo,
@@ -34,6 +32,8 @@ from pretrain.hardware.preflight import (
     format_report,
     run_preflight,
 )
+from pretrain.models import count_params
+from pretrain.parallel import DistInfo
 from pretrain.scaling.memory import GIB, training_memory
 from tests.conftest import tiny_overrides
 

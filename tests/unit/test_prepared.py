@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pretrain.config import SourceConfig
 from pretrain.data.prepared import prepare
 from pretrain.errors import PretrainError
-from pretrain.config import SourceConfig
 from tests.conftest import held_out, pydoc_documents, take, train_data
 
 

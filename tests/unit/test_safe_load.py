@@ -16,10 +16,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import format_utils
 
 from pretrain.checkpoint.layout import MANIFEST
+from pretrain.checkpoint.safe_load import SafeFileSystemReader, read_dcp_metadata, weights_only_loads
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.errors import CorruptCheckpoint, PretrainError
-from pretrain.checkpoint.safe_load import SafeFileSystemReader, read_dcp_metadata, weights_only_loads
 from pretrain.trainer import Trainer
 from tests.conftest import tiny_overrides
 

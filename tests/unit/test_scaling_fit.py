@@ -11,8 +11,16 @@ from scipy.optimize import check_grad
 
 from pretrain.errors import PretrainError
 from pretrain.models.args import ModelArgs, count_params, flops_per_token
-from pretrain.scaling.fit import (RunPoint, _FitData, bootstrap, fit_law, fit_report, group_by_budget,
-                                  plot_isoflops, read_runs)
+from pretrain.scaling.fit import (
+    RunPoint,
+    _FitData,
+    bootstrap,
+    fit_law,
+    fit_report,
+    group_by_budget,
+    plot_isoflops,
+    read_runs,
+)
 from pretrain.scaling.laws import ScalingLaw
 
 TRUE = ScalingLaw("true", E=1.8, A=400.0, B=1000.0, alpha=0.34, beta=0.37)

@@ -5,6 +5,7 @@ outside, as for the Llama Transformer, whose forward signature and fused loss it
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ class GPT2(nn.Module):
         with torch.no_grad():
             init_normal(self.tok_embeddings.weight, args.init_std)
             init_normal(self.pos_embeddings.weight, args.init_std)
-            for layer in self.layers:
+            for layer in cast("list[GPT2Block]", self.layers):  # ModuleList's items are typed Module
                 layer.init_weights(args)
             self.norm.reset_parameters()
 
