@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pretrain.checkpoint.manager import CheckpointManager, checkpoint_dir, read_manifest
 from pretrain.config import Config, load_config
 from pretrain.hardware.devices import keep_freed_memory
-from pretrain.models import ModelArgs, Transformer, count_params
+from pretrain.models import count_params, model_spec
 from pretrain.parallel import Engine, ParallelDims, build_engine, dist_info_from_env
 
 BATCH, SEQ_LEN = 2, 64  # the training steps only need to run, not to be representative
@@ -51,9 +51,8 @@ def build_config(args: argparse.Namespace, out_dir: str) -> Config:
 
 
 def new_engine(cfg: Config) -> Engine:
-    assert isinstance(cfg.model, ModelArgs)  # the default family, Llama
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        model = model_spec(cfg.model).build(cfg.model)
     return build_engine(model, cfg, dist_info_from_env("cpu"), ParallelDims.from_config(cfg.parallel, 1), "fp32")
 
 

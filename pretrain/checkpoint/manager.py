@@ -30,6 +30,7 @@ from pretrain.checkpoint.layout import (
     STEP_GLOB,
     TOKENIZER,
     TRAINER_STATE,
+    check_format,
     checkpoint_dir,
     complete_checkpoints,
     damage,
@@ -271,9 +272,7 @@ class CheckpointManager:
 
 def check_compatible(path: Path, manifest: dict, engine: Engine) -> None:
     """Refuse, with the fix, a checkpoint this engine cannot read."""
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise PretrainError(f"{path} has checkpoint format {manifest.get('format_version')}, this "
-                            f"version of pretrain reads format {FORMAT_VERSION}")
+    check_format(path, manifest)
     written_by = manifest.get("engine", "dcp")
     if written_by != engine.checkpoint_format:
         backends = "parallel.backend=deepspeed" if written_by == "deepspeed" else "parallel.backend=none, ddp or fsdp"

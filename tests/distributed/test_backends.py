@@ -64,7 +64,6 @@ def test_two_ranks_match_one_process(backend, tied, single_process, tmp_path, co
     shared_run = next((fixture for fixture, values in shared.items() if values == settings), None)
     if shared_run:  # trained once, also checked by the resharding and export tests
         tmp_path = request.getfixturevalue(shared_run)
-        tmp_path = request.getfixturevalue(shared)
     else:
         run_ranks(rank_train, 2, tmp_path, corpus_file, tokenizer_file, settings)
     reference_run = single_process[tied]
