@@ -91,22 +91,31 @@ def block_activation_bytes(args: ModelArgs, element: int) -> float:
 
 def check_args(m: ModelArgs) -> list[str]:
     """The model section's problems, each with the key, the value and a fix."""
-    problems = []
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
-        if getattr(m, name) <= 0:
-            problems.append(f"model.{name}={getattr(m, name)} must be a positive integer")
+    problems = check_positive(m, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"))
     if problems:
         return problems
-    if m.d_model % m.n_heads:
-        problems.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; choose "
-                        f"n_heads in {divisors(m.d_model)} or a d_model that is a multiple of {m.n_heads}")
-    elif m.head_dim % 2:
+    problems = check_heads_divide(m)
+    if not problems and m.head_dim % 2:
         problems.append(f"model.d_model / model.n_heads = {m.head_dim} is odd, but rotary embeddings need an "
                         "even head dimension; change d_model or n_heads")
     if m.n_heads % m.n_kv_heads:
         problems.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
                         f"choose n_kv_heads in {divisors(m.n_heads)}")
     return problems + check_common(m)
+
+
+def check_positive(m: Any, names: tuple[str, ...]) -> list[str]:
+    """The shape keys `names` of a model section that are not positive (check them first: the
+    other rules divide by them)."""
+    return [f"model.{name}={getattr(m, name)} must be a positive integer" for name in names if getattr(m, name) <= 0]
+
+
+def check_heads_divide(m: Any) -> list[str]:
+    """Every family splits d_model into n_heads heads of equal width."""
+    if m.d_model % m.n_heads:
+        return [f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; choose "
+                f"n_heads in {divisors(m.d_model)} or a d_model that is a multiple of {m.n_heads}"]
+    return []
 
 
 def check_common(m: Any) -> list[str]:

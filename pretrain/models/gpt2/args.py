@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pretrain.models.args import check_common, divisors, option
+from pretrain.models.args import check_common, check_heads_divide, check_positive, option
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,5 @@ def block_activation_bytes(args: GPT2Args, element: int) -> float:
 
 def check_args(m: GPT2Args) -> list[str]:
     """The model section's problems, each with the key, the value and a fix."""
-    problems = []
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden"):
-        if getattr(m, name) <= 0:
-            problems.append(f"model.{name}={getattr(m, name)} must be a positive integer")
-    if problems:
-        return problems
-    if m.d_model % m.n_heads:
-        problems.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; choose "
-                        f"n_heads in {divisors(m.d_model)} or a d_model that is a multiple of {m.n_heads}")
-    return problems + check_common(m)
+    problems = check_positive(m, ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden"))
+    return problems or check_heads_divide(m) + check_common(m)
